@@ -1,0 +1,149 @@
+"""Public API: :func:`optimize` and :func:`explain`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import capture as C
+from .backend import AttncompBackend
+from .rewrite import SiteRecord, rewrite
+from .strategies import parse
+
+
+class OptimizedModel(nn.Module):
+    """A model whose attention sites run on attncomp kernels.
+
+    Wraps a structural clone of the user's model: new module objects (own training flags and
+    hooks) holding the *same* parameter and buffer tensors, so training either one updates both
+    and the original's behaviour never changes. ``state_dict`` / ``load_state_dict`` use the
+    original model's keys.
+    """
+
+    def __init__(self, model: nn.Module, strategy, capture: str):
+        super().__init__()
+        self.model = C.clone_structure(model)
+        self.capture = capture
+        self.backend = AttncompBackend(strategy)
+        self.graph_breaks = 0
+        self._fx_records: list[SiteRecord] = []
+        self._runner = None
+
+    # -- capture -------------------------------------------------------------------------------
+    def _build(self, args: tuple, kwargs: dict) -> None:
+        if self.capture == "dynamo":
+            object.__setattr__(self, "_runner", torch.compile(self.model, backend=self.backend))
+            return
+        if kwargs:
+            raise ValueError(f"capture={self.capture!r} takes positional inputs only; got keyword "
+                             f"arguments {sorted(kwargs)}")
+        if self.capture == "fx":
+            gm = C.capture_fx(self.model, args)
+        else:
+            gm = C.capture_export(self.model, args)
+        rewrite(gm, self.backend.strategy, self._fx_records)
+        object.__setattr__(self, "_runner", gm)
+        self.graph_module = gm
+
+    def forward(self, *args, **kwargs):
+        if self._runner is None:
+            self._build(args, kwargs)
+        if self.capture != "dynamo":
+            return self._runner(*args)
+        before = C.graph_break_count()
+        out = self._runner(*args, **kwargs)
+        self.graph_breaks += C.graph_break_count() - before
+        return out
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self, *args, **kwargs):
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @property
+    def records(self) -> list[SiteRecord]:
+        return list(self.backend.records.values()) if self.capture == "dynamo" else list(self._fx_records)
+
+
+def optimize(model: nn.Module, strategy="auto", example_inputs=None, capture: str = "dynamo",
+             example_kwargs: dict | None = None) -> OptimizedModel:
+    """Return a new module whose attention runs on attncomp kernels; ``model`` is not changed.
+
+    Args:
+        model: any ``nn.Module``.
+        strategy: ``"auto"`` (exact strategies only), ``"dense"``, ``"local"``, ``"sparse"``,
+            ``"linear"``, ``"tensor"``, a strategy object (``attncomp.Sparse(topk=4)``), or a dict
+            from module-path patterns (fnmatch) to strategies.
+        example_inputs: a tuple of positional inputs (or one tensor). When given, capture and
+            planning happen here (the model runs once on them); otherwise on the first call.
+        capture: ``"dynamo"`` (default), ``"fx"`` (``symbolic_trace``) or ``"export"``.
+        example_kwargs: keyword inputs to pass with ``example_inputs`` (dynamo capture).
+
+    Parameters and buffers are shared with ``model``, not copied.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize expects an nn.Module, got {type(model).__name__}")
+    if capture not in C.CAPTURES:
+        raise ValueError(f"capture must be one of {C.CAPTURES}, got {capture!r}")
+    parse(strategy)  # validate early, with the list of options
+    if capture == "export" and example_inputs is None:
+        raise ValueError("capture='export' needs example_inputs")
+    fast = OptimizedModel(model, strategy, capture)
+    if example_inputs is not None:
+        if isinstance(example_inputs, torch.Tensor):
+            example_inputs = (example_inputs,)
+        with torch.no_grad():
+            fast(*example_inputs, **(example_kwargs or {}))
+    return fast
+
+
+@dataclass
+class Report:
+    """What ``explain`` found: one row per attention site (see ``str(report)``)."""
+
+    rows: list[SiteRecord] = field(default_factory=list)
+    capture: str = "dynamo"
+    graph_breaks: int = 0
+    graphs: int = 0
+
+    @property
+    def replaced(self) -> list[SiteRecord]:
+        return [r for r in self.rows if r.status == "replaced"]
+
+    @property
+    def left(self) -> list[SiteRecord]:
+        return [r for r in self.rows if r.status == "left"]
+
+    def __str__(self) -> str:
+        head = ("site", "rule", "shapes", "mask", "strategy", "status", "reason")
+        lines = []
+        for r in self.rows:
+            spec = r.spec
+            reason = r.reason
+            if r.kernel is not None and r.kernel.fallback_reason:
+                reason = f"runs eager at call time: {r.kernel.fallback_reason}"
+            lines.append((r.path, r.rule, str(spec.dims) if spec else "-", str(spec.mask) if spec else "-",
+                          r.strategy, r.status, reason))
+        widths = [max([len(h)] + [len(str(x[i])) for x in lines]) for i, h in enumerate(head)]
+        widths[-1] = len(head[-1])
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+        out += [fmt.format(*map(str, x)) for x in lines]
+        if not self.rows:
+            out.append("(no attention sites found" + (" yet: call the model once or pass example_inputs)"
+                                                      if self.graphs == 0 else ")"))
+        out.append(f"{len(self.replaced)} replaced, {len(self.left)} left; capture={self.capture}, "
+                   f"graphs={self.graphs}, graph breaks={self.graph_breaks}")
+        return "\n".join(out)
+
+
+def explain(model) -> Report:
+    """The explain report of a model returned by :func:`optimize` (or a rewritten GraphModule)."""
+    if isinstance(model, OptimizedModel):
+        graphs = model.backend.graphs if model.capture == "dynamo" else int(model._runner is not None)
+        return Report(model.records, model.capture, model.graph_breaks, graphs)
+    raise TypeError(f"explain expects a model returned by attncomp.optimize, got {type(model).__name__}")

@@ -1,0 +1,226 @@
+"""The module that replaces an attention site in a rewritten graph.
+
+``AttentionKernel(q, k, v, *terms)`` replays the site's score program on the run-time tensors —
+scale, additive terms, masks, views — to get ``(scale, bias, keep, fill)``, then runs the plan's
+kernel through the ``attncomp::dense_fwd`` op. The eager chain itself stays available as
+:meth:`AttentionKernel.literal`: the exact computation the site did before (used for training
+dropout and for what the fused path cannot express), so a site is never silently different.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import runtime
+from .ir import Plan
+
+BIG = 1e30  # a fill value at or below -BIG masks a score exactly like -inf (see `_fold`)
+
+
+class Unsupported(Exception):
+    """The fused path cannot express this call; the literal path runs instead."""
+
+
+def _ref(x, terms):
+    return terms[x[1]] if isinstance(x, tuple) and len(x) == 2 and x[0] == "term" else x
+
+
+def _apply_views(x: Tensor, views) -> Tensor:
+    for name, args in views:
+        x = getattr(x, name)(*args)
+    return x
+
+
+def replay(steps, terms, shape: tuple, device) -> tuple:
+    """Fold the score program into ``s = where(keep, scale·qk + bias, fill)``.
+
+    Returns ``(scale, bias, keep, fill)``: scale a float or a tensor constant along keys
+    (``(..., Lq, 1)``-broadcastable), bias ``None`` or a tensor broadcastable to ``shape``, keep
+    ``None`` or a bool tensor, fill a float. Raises :class:`Unsupported` otherwise.
+    """
+    scale, bias, keep, fill, cur = 1.0, None, None, None, tuple(shape)
+    for step in steps:
+        op, args = step[0], [_ref(a, terms) for a in step[1:]]
+        if op in ("mul", "div"):
+            x = args[0]
+            if isinstance(x, Tensor) and x.numel() == 1 and not x.requires_grad:
+                x = x.item()
+            if op == "div":
+                x = 1.0 / x
+            if isinstance(x, Tensor) and (keep is not None or cur != tuple(shape)):
+                raise Unsupported("tensor scale after a mask or a view")
+            if keep is not None and not x > 0:
+                raise Unsupported("non-positive scale after a mask")
+            scale = scale * x
+            bias = None if bias is None else bias * x
+            fill = None if fill is None else fill * x
+        elif op in ("add", "sub", "add_scaled"):
+            x = args[0]
+            if op == "sub":
+                x = -x
+            if op == "add_scaled":
+                x = x * args[1]
+            if keep is not None and fill > -BIG:
+                raise Unsupported(f"a term added after a mask filled with {fill}")
+            if not isinstance(x, Tensor):
+                x = torch.tensor(float(x), device=device)
+            bias = x if bias is None else bias + x
+        elif op in ("masked_fill", "masked_fill_not"):
+            m, value = args
+            if isinstance(value, Tensor):
+                value = value.item()
+            value = float(value)
+            if fill is not None and value != fill and not (value <= -BIG and fill <= -BIG):
+                raise Unsupported("two masks with different fill values")
+            fill = value if fill is None else max(fill, value)
+            k = ~m if op == "masked_fill" else m
+            keep = k if keep is None else keep & k
+        elif op == "view":
+            new = torch.empty(cur, device="meta").reshape([int(_ref(a, terms)) for a in args[0]]).shape
+            bias = None if bias is None else bias.expand(cur).reshape(new)
+            keep = None if keep is None else keep.expand(cur).reshape(new)
+            cur = tuple(new)
+        elif op == "cast":
+            continue
+        else:
+            raise Unsupported(f"score step {op}")
+    if cur != tuple(shape):
+        raise Unsupported(f"the scores end in shape {cur}, not {tuple(shape)}")
+    return scale, bias, keep, fill
+
+
+def _fold(bias, keep, fill, dtype):
+    """One additive tensor equal to the masked scores' shift, or ``Unsupported``.
+
+    Exact when ``fill <= -1e30``: ``s + fill`` rounds to ``fill`` for any finite float32 score, so
+    masked positions end exactly at ``fill`` (and fully masked rows are uniform, as in eager).
+    """
+    if keep is None:
+        return bias
+    if fill > -BIG:
+        raise Unsupported(f"mask filled with finite value {fill:g} (replace semantics)")
+    fill_t = torch.tensor(fill, dtype=dtype, device=keep.device)
+    if fill == -math.inf:
+        shift = torch.where(keep, torch.zeros((), dtype=dtype, device=keep.device), fill_t)
+        return shift if bias is None else bias.to(dtype) + shift
+    return torch.where(keep, torch.zeros((), dtype=dtype, device=keep.device) if bias is None
+                       else bias.to(dtype), fill_t)
+
+
+def _to4d(x: Tensor) -> Tensor:
+    while x.dim() < 4:
+        x = x.unsqueeze(0)
+    return x
+
+
+class AttentionKernel(nn.Module):
+    """Runs one attention site. Inputs: q ``(..., Lq, D)``, k ``(..., Lk, D)``, v ``(..., Lk, Dv)``
+    (after the site's view ops) and the score program's terms; output ``(..., Lq, Dv)``."""
+
+    def __init__(self, plan: Plan, steps, views, dropout: tuple, sdpa: dict, kv_groups: int,
+                 path: str, softmax_dtype=None):
+        super().__init__()
+        self.plan, self.steps, self.views = plan, steps, views
+        self.dropout_p, self.dropout_mode = dropout
+        self.sdpa, self.kv_groups, self.path = sdpa, kv_groups, path
+        self.softmax_dtype = softmax_dtype
+        self.fallback_reason: str | None = None
+        self.calls = {"fused": 0, "literal": 0}
+
+    def extra_repr(self) -> str:
+        return f"path={self.path!r}, strategy={self.plan.strategy}, mask={self.plan.spec.mask}"
+
+    def _dropout(self) -> float:
+        if self.dropout_mode == "module":
+            return self.dropout_p if self.training else 0.0
+        return self.dropout_p
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *terms) -> Tensor:
+        q, k, v = (_apply_views(t, vw) for t, vw in zip((q, k, v), self.views))
+        if self._dropout() == 0.0 and self.fallback_reason is None:
+            try:
+                out = self.fused(q, k, v, terms)
+                self.calls["fused"] += 1
+                return out
+            except Unsupported as e:
+                self.fallback_reason = str(e)
+                warnings.warn(f"attncomp: site {self.path} runs its eager computation: {e}", stacklevel=2)
+        self.calls["literal"] += 1
+        return self.literal(q, k, v, terms)
+
+    # ------------------------------------------------------------------ fused path
+    def fused(self, q: Tensor, k: Tensor, v: Tensor, terms) -> Tensor:
+        if self.kv_groups > 1 or self.sdpa.get("enable_gqa"):
+            pass  # k, v keep Hkv heads; the op maps query heads onto them
+        elif k.shape[:-2] != q.shape[:-2]:
+            raise Unsupported("q and k batch dims differ")
+        shape = (*q.shape[:-1], k.shape[-2])
+        scale, bias, keep, fill = replay(self.steps, terms, shape, q.device)
+        if isinstance(scale, Tensor):
+            q, scale = q * scale.to(q.dtype), 1.0
+        if self.rule_scale is not None:
+            scale = scale * self.rule_scale(q)
+        add = _fold(bias, keep, fill, q.dtype)
+        if add is not None:
+            add = add.to(q.dtype)
+        lead = q.shape[:-2]
+        if q.dim() > 4:
+            raise Unsupported("more than two batch dims")
+        q4, k4, v4 = _to4d(q), _to4d(k), _to4d(v)
+        while add is not None and add.dim() > max(len(shape), 4):
+            if add.shape[0] != 1:
+                raise Unsupported(f"bias of shape {tuple(add.shape)} has more batch dims than the scores")
+            add = add[0]
+        add4 = None if add is None else _to4d(add)
+        causal = 0 if self.sdpa.get("is_causal") else None
+        out, _ = runtime.dense_fwd(q4, k4, v4, add4, float(scale), causal, 0.0)
+        if self.plan.spec.empty_rows == "nan" and add4 is not None:
+            out = out.masked_fill(torch.isneginf(add4).all(-1, keepdim=True), math.nan)
+        return out.reshape(*lead, q.shape[-2], v.shape[-1])
+
+    @property
+    def rule_scale(self):
+        if self.sdpa:
+            s = self.sdpa.get("scale")
+            return (lambda q: 1.0 / math.sqrt(q.shape[-1])) if s is None else (lambda q: s)
+        return None
+
+    # ------------------------------------------------------------------ literal path
+    def literal(self, q: Tensor, k: Tensor, v: Tensor, terms) -> Tensor:
+        """The site's own eager computation, step by step (exact semantics, including dropout)."""
+        if self.sdpa:
+            mask = _ref(self.sdpa["attn_mask"], terms) if self.sdpa.get("attn_mask") is not None else None
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self._dropout(), is_causal=bool(self.sdpa.get("is_causal")),
+                scale=self.sdpa.get("scale"), enable_gqa=bool(self.sdpa.get("enable_gqa")))
+        if self.kv_groups > 1:
+            k, v = runtime._repeat_kv(k, self.kv_groups), runtime._repeat_kv(v, self.kv_groups)
+        s = q @ k.transpose(-1, -2)
+        for step in self.steps:
+            op, args = step[0], [_ref(a, terms) for a in step[1:]]
+            if op == "mul":
+                s = s * args[0]
+            elif op == "div":
+                s = s / args[0]
+            elif op == "add":
+                s = s + args[0]
+            elif op == "sub":
+                s = s - args[0]
+            elif op == "add_scaled":
+                s = s + args[0] * args[1]
+            elif op == "masked_fill":
+                s = s.masked_fill(args[0], args[1])
+            elif op == "masked_fill_not":
+                s = torch.where(args[0], s, args[1])
+            elif op == "view":
+                s = s.reshape([int(_ref(a, terms)) for a in args[0]])
+            elif op == "cast":
+                s = s.to(args[0])
+        p = F.softmax(s, -1, dtype=self.softmax_dtype)
+        p = F.dropout(p, self._dropout(), training=self._dropout() > 0)
+        return p.to(v.dtype) @ v

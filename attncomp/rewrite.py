@@ -1,0 +1,113 @@
+"""Graph → graph: replace each matched attention site with an :class:`AttentionKernel` call.
+
+For every site: match → analyze → plan (passes) → rewrite. Sites that are left (rule missed,
+score program not expressible, user asked for none) keep their eager nodes; every decision is
+appended to ``records`` for ``explain``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx
+
+from . import ops_table as T
+from .analyze import analyze, check_program
+from .executor import AttentionKernel
+from .ir import Plan
+from .match import Miss, Site, find_sites
+from .strategies import for_site
+
+
+@dataclass
+class SiteRecord:
+    """One line of the explain table."""
+
+    path: str
+    rule: str
+    status: str          # "replaced" | "left"
+    reason: str
+    spec: object = None
+    plan: Plan | None = None
+    kernel: AttentionKernel | None = None
+
+    @property
+    def strategy(self) -> str:
+        return self.plan.strategy if self.plan and self.status == "replaced" else "eager"
+
+
+def _terms_of(site: Site) -> tuple[list, list]:
+    """Replace fx.Node arguments of the score program with ``("term", i)`` references."""
+    terms: list = []
+
+    def ref(x):
+        if isinstance(x, fx.Node):
+            if x not in terms:
+                terms.append(x)
+            return ("term", terms.index(x))
+        if isinstance(x, (list, tuple)):
+            return type(x)(ref(a) for a in x)
+        return x
+
+    steps = [(s[0], *[ref(a) for a in s[1:]]) for s in site.steps]
+    if site.sdpa.get("attn_mask") is not None:
+        site.sdpa = {**site.sdpa, "attn_mask": ref(site.sdpa["attn_mask"])}
+    return steps, terms
+
+
+def _erase_region(gm: fx.GraphModule, site: Site) -> None:
+    region = set(site.region)
+    cands = dict.fromkeys(site.region)
+    for n in site.region:
+        cands.update(dict.fromkeys(a for a in n.all_input_nodes if a.op != "placeholder"))
+    changed = True
+    while changed:
+        changed = False
+        for n in reversed(list(cands)):
+            if n.users or n.op in ("placeholder", "output"):
+                continue
+            if n in region or T.is_op(n, T.TRANSPOSE | T.PERMUTE | T.VIEW | T.EXPAND | T.GETITEM, gm):
+                gm.graph.erase_node(n)
+                del cands[n]
+                changed = True
+
+
+def rewrite(gm: fx.GraphModule, parsed_strategy, records: list) -> fx.GraphModule:
+    """Rewrite ``gm`` in place and return it."""
+    from attncomp.passes import plan_site
+
+    found = find_sites(gm)
+    for i, site in enumerate(found):
+        if isinstance(site, Miss):
+            records.append(SiteRecord(site.module_path, site.rule, "left", site.reason))
+            continue
+        requested = for_site(parsed_strategy, site.module_path)
+        spec = analyze(site)
+        if requested is None:
+            records.append(SiteRecord(site.module_path, site.rule, "left",
+                                      "no strategy pattern matches this module", spec))
+            continue
+        why = check_program(site)
+        if why:
+            records.append(SiteRecord(site.module_path, site.rule, "left", why, spec))
+            continue
+        plan = plan_site(spec, requested)
+        steps, terms = _terms_of(site)
+        m = site.anchor
+        softmax_dtype = m.kwargs.get("dtype") if site.rule == "softmax_chain" else None
+        kernel = AttentionKernel(plan, steps, (site.q.views, site.k.views, site.v.views), site.dropout,
+                                 site.sdpa, site.kv_groups, site.module_path, softmax_dtype)
+        name = f"attncomp_site_{i}"
+        while hasattr(gm, name):
+            name += "_"
+        gm.add_submodule(name, kernel)
+        with gm.graph.inserting_before(site.output):
+            new = gm.graph.call_module(name, (site.q.node, site.k.node, site.v.node, *terms))
+        new.meta = dict(site.output.meta)
+        site.output.replace_all_uses_with(new)
+        _erase_region(gm, site)
+        records.append(SiteRecord(site.module_path, site.rule, "replaced", "; ".join(plan.reasons),
+                                  spec, plan, kernel))
+    gm.graph.lint()
+    gm.recompile()
+    return gm

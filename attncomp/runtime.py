@@ -1,0 +1,180 @@
+"""Custom ops that run attention: CUDA → generated Triton kernels, CPU → the torch executor.
+
+``attncomp::dense_fwd`` / ``attncomp::dense_bwd`` take normalised inputs:
+
+* q ``(B, Hq, Lq, D)``, k ``(B, Hkv, Lk, D)``, v ``(B, Hkv, Lk, Dv)``, ``Hq % Hkv == 0``; any float dtype.
+* bias: ``None`` or a float tensor broadcastable to ``(B, Hq, Lq, Lk)`` — additive, may hold ``-inf``.
+* ``causal_offset``: key ``j`` visible from query ``i`` iff ``j <= i + causal_offset``; ``None``: no causal mask.
+
+Scores are ``s = scale·q·kᵀ`` (soft-capped when ``softcap > 0``) ``+ bias``; the output is
+``softmax(s) @ v`` and ``lse`` ``(B, Hq, Lq)`` float32 is ``logsumexp(s)``. A row whose scores are
+all ``-inf`` gives zeros (the caller patches the site's own semantics).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+_FORCE_TRITON = {"value": None}
+
+
+def use_triton(t: Tensor) -> bool:
+    """Triton on CUDA; on CPU only when the interpreter switch is on (``ATTNCOMP_KERNELS=triton``)."""
+    forced = _FORCE_TRITON["value"]
+    if forced is None:
+        forced = os.environ.get("ATTNCOMP_KERNELS", "auto")
+    if forced == "torch":
+        return False
+    if t.is_cuda:
+        return True
+    return forced == "triton"
+
+
+def set_kernels(mode: str | None) -> None:
+    """``"triton"``: run Triton kernels on CPU through the interpreter; ``"torch"``: never; ``None``: env."""
+    if mode not in (None, "auto", "triton", "torch"):
+        raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {mode!r}")
+    if mode == "triton":
+        os.environ["TRITON_INTERPRET"] = "1"
+    _FORCE_TRITON["value"] = mode
+
+
+def _repeat_kv(x: Tensor, groups: int) -> Tensor:
+    if groups == 1:
+        return x
+    B, H, L, D = x.shape
+    return x[:, :, None].expand(B, H, groups, L, D).reshape(B, H * groups, L, D)
+
+
+def _causal_bias(Lq: int, Lk: int, offset: int, device, dtype) -> Tensor:
+    i = torch.arange(Lq, device=device)[:, None]
+    j = torch.arange(Lk, device=device)[None, :]
+    return torch.zeros((), device=device, dtype=dtype).masked_fill(j > i + offset, float("-inf"))
+
+
+def math_scores(q, k, bias, scale, causal_offset, softcap) -> Tensor:
+    """Reference scores in float32 (or float64 for float64 inputs), ``(B, Hq, Lq, Lk)``."""
+    groups = q.shape[1] // k.shape[1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = (q.to(acc) @ _repeat_kv(k, groups).to(acc).transpose(-1, -2)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if bias is not None:
+        s = s + bias.to(acc)
+    if causal_offset is not None:
+        s = s + _causal_bias(q.shape[2], k.shape[2], causal_offset, q.device, acc)
+    return s
+
+
+def _cpu_fused_ok(q: Tensor, softcap: float, causal_offset) -> bool:
+    return softcap == 0.0 and causal_offset in (None, 0) and q.shape[-1] == q.shape[-1]
+
+
+def _cpu_fwd(q, k, v, bias, scale, causal_offset, softcap):
+    groups = q.shape[1] // k.shape[1]
+    if _cpu_fused_ok(q, softcap, causal_offset) and k.shape[-1] == v.shape[-1]:
+        kk, vv = _repeat_kv(k, groups), _repeat_kv(v, groups)
+        mask = None if bias is None else bias.to(q.dtype).expand(
+            q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, kk, vv, 0.0, causal_offset == 0, attn_mask=mask, scale=scale)
+        return out, lse.float()
+    s = math_scores(q, k, bias, scale, causal_offset, softcap)
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    out = (p @ _repeat_kv(v, groups).to(p.dtype)).to(q.dtype)
+    return out, lse.float()
+
+
+@torch.library.custom_op("attncomp::dense_fwd", mutates_args=())
+def dense_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
+              causal_offset: int | None, softcap: float) -> tuple[Tensor, Tensor]:
+    """Dense attention forward; see the module docstring for shapes. Returns (out, lse)."""
+    if use_triton(q):
+        from . import triton_dense
+        return triton_dense.dense_fwd(q, k, v, bias, scale, causal_offset, softcap)
+    return _cpu_fwd(q, k, v, bias, scale, causal_offset, softcap)
+
+
+@dense_fwd.register_fake
+def _(q, k, v, bias, scale, causal_offset, softcap):
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return out, lse
+
+
+def _cpu_bwd(dout, q, k, v, bias, out, lse, scale, causal_offset, softcap, want_dbias):
+    groups = q.shape[1] // k.shape[1]
+    B, Hkv = k.shape[:2]
+    fused = _cpu_fused_ok(q, softcap, causal_offset) and k.shape[-1] == v.shape[-1] and not want_dbias
+    if fused:
+        kk, vv = _repeat_kv(k, groups), _repeat_kv(v, groups)
+        mask = None if bias is None else bias.to(q.dtype).expand(
+            q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, kk, vv, out, lse, 0.0, causal_offset == 0, attn_mask=mask, scale=scale)
+        dbias = None
+    else:
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        qa, ka, va = q.to(acc), _repeat_kv(k, groups).to(acc), _repeat_kv(v, groups).to(acc)
+        s = math_scores(q, k, bias, scale, causal_offset, 0.0)
+        raw = s
+        if softcap:  # recompute capped scores to get dtanh
+            raw = (qa @ ka.transpose(-1, -2)) * scale
+            s = math_scores(q, k, bias, scale, causal_offset, softcap)
+        p = torch.exp(s - lse.to(acc)[..., None]).nan_to_num(0.0)
+        do = dout.to(acc)
+        dv = p.transpose(-1, -2) @ do
+        dp = do @ va.transpose(-1, -2)
+        ds = p * (dp - (do * out.to(acc)).sum(-1, keepdim=True))
+        dbias = ds if want_dbias else None
+        if softcap:
+            ds = ds * (1 - torch.tanh(raw / softcap) ** 2)
+        dq = (ds @ ka) * scale
+        dk = (ds.transpose(-1, -2) @ qa) * scale
+    if groups > 1:
+        dk = dk.reshape(B, Hkv, groups, *dk.shape[2:]).sum(2)
+        dv = dv.reshape(B, Hkv, groups, *dv.shape[2:]).sum(2)
+    if dbias is not None:
+        dbias = dbias.sum_to_size(bias.shape).to(bias.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
+
+
+@torch.library.custom_op("attncomp::dense_bwd", mutates_args=())
+def dense_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, out: Tensor,
+              lse: Tensor, scale: float, causal_offset: int | None, softcap: float,
+              want_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv, dbias) of :func:`dense_fwd`; dbias is empty unless ``want_dbias``."""
+    if use_triton(q):
+        from . import triton_dense
+        dq, dk, dv, db = triton_dense.dense_bwd(dout, q, k, v, bias, out, lse, scale, causal_offset,
+                                                softcap, want_dbias)
+    else:
+        dq, dk, dv, db = _cpu_bwd(dout, q, k, v, bias, out, lse, scale, causal_offset, softcap, want_dbias)
+    return dq, dk, dv, (db if db is not None else q.new_empty(0))
+
+
+@dense_bwd.register_fake
+def _(dout, q, k, v, bias, out, lse, scale, causal_offset, softcap, want_dbias):
+    db = bias.new_empty(bias.shape) if (want_dbias and bias is not None) else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), db
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, bias, scale, causal_offset, softcap = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, bias, out, lse)
+    ctx.args = (scale, causal_offset, softcap)
+    ctx.want_dbias = bias is not None and bias.requires_grad
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, bias, out, lse = ctx.saved_tensors
+    dq, dk, dv, db = dense_bwd(dout.contiguous(), q, k, v, bias, out, lse, *ctx.args, ctx.want_dbias)
+    return dq, dk, dv, (db if ctx.want_dbias else None), None, None, None
+
+
+dense_fwd.register_autograd(_backward, setup_context=_setup)

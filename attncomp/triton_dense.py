@@ -1,0 +1,237 @@
+"""Host-side launchers for the dense (flash-style) Triton attention kernels.
+
+Score semantics, per (batch b, query head h, query i, key j)::
+
+    s = scale * (q[b, h, i] . k[b, h // (Hq // Hkv), j])
+    s = softcap * tanh(s / softcap)                  # only when softcap > 0
+    s = s + bias[b, h, i, j]                         # bias broadcast to (B, Hq, Lq, Lk)
+    s = -inf where j > i + causal_offset             # only when causal_offset is not None
+    out = softmax(s) @ v  (f32 accumulation, cast to q.dtype);  lse = logsumexp(s)  (f32)
+
+``causal_offset = 0`` is top-left aligned causal (SDPA ``is_causal``); ``Lk - Lq`` is
+bottom-right aligned. A row whose scores are all -inf gets ``out = 0`` and ``lse = -inf``.
+GQA / MQA never materialise repeated K / V: the kernels map query head ``h`` to kv head
+``h // (Hq // Hkv)`` and the dK/dV kernel reduces over the group deterministically.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from . import codegen
+
+__all__ = ["default_config", "dense_bwd", "dense_fwd"]
+
+_LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _poisoning() -> bool:
+    # Debug aid: fill outputs with NaN before launch so unwritten elements show up.
+    return os.environ.get("ATTNCOMP_POISON", "0") == "1"
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _poisoning():
+        out.fill_(float("nan"))
+    return out
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def default_config(D: int, dtype: torch.dtype, interpret: bool) -> dict[str, int]:
+    """Heuristic tiling for head dim ``D`` (max of the qk and v head dims) and input dtype.
+
+    A plain dict (BLOCK_M, BLOCK_N, num_warps, num_stages) used by the forward and both
+    backward kernels; autotuning replaces it. The interpreter runs one numpy op per tile,
+    so it prefers few, moderately sized tiles."""
+    if interpret:
+        return {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    block_d = _block_d(D)
+    wide = dtype == torch.float32  # f32 tiles take twice the shared memory / registers
+    if block_d <= 64:
+        return {"BLOCK_M": 64, "BLOCK_N": 32 if wide else 64, "num_warps": 4, "num_stages": 3}
+    if block_d <= 128:
+        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4 if not wide else 8, "num_stages": 2}
+    return {"BLOCK_M": 32 if wide else 64, "BLOCK_N": 16 if wide else 32, "num_warps": 8, "num_stages": 1}
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int, int]:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be 4-D (B, H, L, D)")
+    B, Hq, Lq, D = q.shape
+    Bk, Hkv, Lk, Dk = k.shape
+    if Bk != B or v.shape[:3] != k.shape[:3] or Dk != D:
+        raise ValueError(f"incompatible shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"Hq={Hq} must be a multiple of Hkv={Hkv}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError("q, k, v must share a dtype")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"unsupported dtype {q.dtype}")
+    return B, Hq, Hkv, Lq, Lk, D, v.shape[-1]
+
+
+def _bias_4d(bias: torch.Tensor | None, shape: tuple[int, int, int, int], ref: torch.Tensor) -> torch.Tensor:
+    """Broadcast view of ``bias`` as (B, Hq, Lq, Lk), stride 0 on broadcast dims (no copy).
+
+    Without a bias, returns ``ref`` as a never-read placeholder pointer."""
+    if bias is None:
+        return ref
+    if not bias.is_floating_point() or bias.dim() > 4:
+        raise ValueError("bias must be a floating tensor broadcastable to (B, Hq, Lq, Lk)")
+    return bias.expand(shape)
+
+
+def _reduce_dbias(ds: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Sum dS (B, Hq, Lq, Lk) f32 over the dims ``bias`` was broadcast along -> bias.shape."""
+    padded = (1,) * (4 - bias.dim()) + tuple(bias.shape)
+    dims = [i for i in range(4) if padded[i] == 1 and ds.shape[i] != 1]
+    red = ds.sum(dim=dims, keepdim=True) if dims else ds
+    return red.reshape(bias.shape).to(bias.dtype)
+
+
+def _score_consts(scale: float, softcap: float) -> tuple[float, float]:
+    """(qk_scale, cap_scale) so that the kernels' log2-unit score is
+    qk * qk_scale (no cap) or tanh(qk * qk_scale) * cap_scale (cap)."""
+    if softcap > 0.0:
+        return scale / softcap, softcap * _LOG2E
+    return scale * _LOG2E, 0.0
+
+
+def _meta(cfg: dict[str, int], Lq: int, Lk: int, D: int, Dv: int, dtype: torch.dtype) -> dict[str, object]:
+    """Compile-time kernel arguments (tl.constexpr) and launch options."""
+    bm, bn = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
+    if bm < 16 or bn < 16:
+        raise ValueError("BLOCK_M and BLOCK_N must be >= 16 (tl.dot minimum)")
+    bd, bdv = _block_d(D), _block_d(Dv)
+    return {
+        "BLOCK_M": bm,
+        "BLOCK_N": bn,
+        "BLOCK_D": bd,
+        "BLOCK_DV": bdv,
+        "EVEN_M": Lq % bm == 0,
+        "EVEN_N": Lk % bn == 0,
+        "EVEN_D": bd == D and bdv == Dv,
+        # f32 inputs: no TF32 rounding in tl.dot; f16/bf16: the default.
+        "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "num_warps": int(cfg.get("num_warps", 4)),
+        "num_stages": int(cfg.get("num_stages", 2)),
+    }
+
+
+def _flags(dtype: torch.dtype, has_bias: bool, causal: bool, softcap: float) -> dict[str, bool]:
+    return {
+        "HAS_BIAS": has_bias,
+        "IS_CAUSAL": causal,
+        "HAS_SOFTCAP": softcap > 0.0,
+        # Interpreter bug triton-lang/triton#11584: bf16 tl.dot multiplies raw bit patterns.
+        "UPCAST_DOT": _interpreting() and dtype == torch.bfloat16,
+    }
+
+
+def dense_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    causal_offset: int | None,
+    softcap: float = 0.0,
+    config: dict[str, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention forward.
+
+    q (B, Hq, Lq, D); k (B, Hkv, Lk, D); v (B, Hkv, Lk, Dv), any strides, one dtype among
+    f32 / f16 / bf16, Hq % Hkv == 0; bias None or float, broadcastable to (B, Hq, Lq, Lk).
+    Returns out (B, Hq, Lq, Dv) in q.dtype and lse (B, Hq, Lq) f32 (natural log)."""
+    B, Hq, Hkv, Lq, Lk, D, Dv = _check(q, k, v)
+    out = _empty((B, Hq, Lq, Dv), q.dtype, q.device)
+    lse = _empty((B, Hq, Lq), torch.float32, q.device)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    cfg = config or default_config(max(D, Dv), q.dtype, _interpreting())
+    meta = _meta(cfg, Lq, Lk, D, Dv, q.dtype)
+    b4 = _bias_4d(bias, (B, Hq, Lq, Lk), q)
+    bstr = b4.stride() if bias is not None else (0, 0, 0, 0)
+    qk_scale, cap_scale = _score_consts(float(scale), float(softcap))
+    mod = codegen.load_kernel_module("dense_fwd", **_flags(q.dtype, bias is not None,
+                                                           causal_offset is not None, softcap))
+    grid = (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
+    mod.attn_fwd[grid](
+        q, k, v, b4, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *bstr, *out.stride(),
+        Hq, Hq // Hkv, Lq, Lk, D, Dv, qk_scale, cap_scale, int(causal_offset or 0),
+        **meta,
+    )
+    return out, lse
+
+
+def dense_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    causal_offset: int | None,
+    softcap: float,
+    bias_requires_grad: bool,
+    config: dict[str, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Dense attention backward (deterministic: no atomics).
+
+    dout, out (B, Hq, Lq, Dv) any strides; q, k, v, bias as in :func:`dense_fwd`;
+    lse (B, Hq, Lq) f32 from the forward. Returns dq (B, Hq, Lq, D), dk (B, Hkv, Lk, D),
+    dv (B, Hkv, Lk, Dv) in the inputs' dtype, and dbias with bias's shape and dtype when
+    ``bias_requires_grad`` (else None). dbias goes through a full (B, Hq, Lq, Lk) f32 dS."""
+    B, Hq, Hkv, Lq, Lk, D, Dv = _check(q, k, v)
+    bias_grad = bias is not None and bias_requires_grad
+    dq = _empty((B, Hq, Lq, D), q.dtype, q.device)
+    dk = _empty((B, Hkv, Lk, D), k.dtype, k.device)
+    dv = _empty((B, Hkv, Lk, Dv), v.dtype, v.device)
+    ds = _empty((B, Hq, Lq, Lk), torch.float32, q.device) if bias_grad else q
+    if B * Hq == 0 or (Lq == 0 and Lk == 0):
+        return dq, dk, dv, (_reduce_dbias(ds, bias) if bias_grad else None)
+    cfg = config or default_config(max(D, Dv), q.dtype, _interpreting())
+    meta = _meta(cfg, Lq, Lk, D, Dv, q.dtype)
+    lse = lse.contiguous()
+    delta = _empty((B, Hq, Lq), torch.float32, q.device)
+    b4 = _bias_4d(bias, (B, Hq, Lq, Lk), q)
+    bstr = b4.stride() if bias is not None else (0, 0, 0, 0)
+    dsstr = ds.stride() if bias_grad else (0, 0, 0, 0)
+    qk_scale, cap_scale = _score_consts(float(scale), float(softcap))
+    flags = _flags(q.dtype, bias is not None, causal_offset is not None, softcap)
+    mod = codegen.load_kernel_module("dense_bwd", BIAS_GRAD=bias_grad, **flags)
+    bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
+    shape_args = (Hq, Hq // Hkv, Lq, Lk, D, Dv, qk_scale, cap_scale, float(scale), int(causal_offset or 0))
+
+    if Lq > 0:
+        mod.attn_bwd_preprocess[(triton.cdiv(Lq, bm), B * Hq)](
+            out, dout, delta, *out.stride(), *dout.stride(), Hq, Lq, Dv,
+            BLOCK_M=bm, BLOCK_DV=meta["BLOCK_DV"], EVEN_M=meta["EVEN_M"], EVEN_D=meta["EVEN_D"],
+        )
+    if Lk > 0:
+        mod.attn_bwd_dkdv[(triton.cdiv(Lk, bn), B * Hkv)](
+            q, k, v, b4, dout, lse, delta, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *bstr, *dout.stride(), *dk.stride(), *dv.stride(),
+            *shape_args, **meta,
+        )
+    if Lq > 0:
+        mod.attn_bwd_dq[(triton.cdiv(Lq, bm), B * Hq)](
+            q, k, v, b4, dout, lse, delta, dq, ds,
+            *q.stride(), *k.stride(), *v.stride(), *bstr, *dout.stride(), *dq.stride(), *dsstr,
+            *shape_args, **meta,
+        )
+    return dq, dk, dv, (_reduce_dbias(ds, bias) if bias_grad else None)
