@@ -53,8 +53,8 @@ def check_program(site: Site) -> str | None:
         elif op in ("masked_fill", "masked_fill_not"):
             v = _const_value(args[1])
             if v is None:
-                m = T.meta(args[1])
-                if m is None or getattr(m, "numel", lambda: 2)() != 1:
+                shp = T.shape(args[1])
+                if shp is None or math.prod(shp) != 1:
                     return "a mask is filled with a tensor of values"
             elif v > -BIG:
                 return (f"masked_fill with the finite value {v:g} replaces scores; only -inf or "

@@ -96,8 +96,7 @@ def optimize(model: nn.Module, strategy="auto", example_inputs=None, capture: st
     if example_inputs is not None:
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
-        with torch.no_grad():
-            fast(*example_inputs, **(example_kwargs or {}))
+        fast(*example_inputs, **(example_kwargs or {}))
     return fast
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 from torch import fx, nn
@@ -46,8 +47,20 @@ def _is_timm(model: nn.Module) -> bool:
     return type(model).__module__.startswith("timm.")
 
 
-def trace_fx(model: nn.Module) -> fx.GraphModule:
-    """``symbolic_trace``, with timm's tracer settings for timm models."""
+def _concrete_args(model: nn.Module, n_positional: int) -> dict:
+    """Forward parameters not given positionally are fixed to their defaults while tracing."""
+    params = list(inspect.signature(model.forward).parameters.values())[n_positional:]
+    return {p.name: p.default for p in params
+            if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
+
+
+def trace_fx(model: nn.Module, n_positional: int | None = None) -> fx.GraphModule:
+    """``symbolic_trace``, with timm's tracer settings for timm models.
+
+    With ``n_positional``, forward parameters after the first ``n_positional`` are traced as
+    constants equal to their defaults (e.g. ``is_causal=False``, ``attn_mask=None``).
+    """
+    concrete = None if n_positional is None else _concrete_args(model, n_positional)
     if _is_timm(model):
         from timm.layers import _fx as timm_fx
 
@@ -58,13 +71,28 @@ def trace_fx(model: nn.Module) -> fx.GraphModule:
                 return super().is_leaf_module(m, qualname)
 
         tracer = _TimmTracer(autowrap_functions=tuple(timm_fx.get_notrace_functions()))
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete)
         return fx.GraphModule(tracer.root, graph, type(model).__name__)
-    return fx.symbolic_trace(model)
+    return fx.symbolic_trace(model, concrete_args=concrete)
+
+
+def fold_none_helpers(gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace calls known to return None for their constant arguments (``ops_table.NONE_WHEN``)."""
+    from .ops_table import NONE_WHEN
+
+    for node in list(gm.graph.nodes):
+        pred = NONE_WHEN.get(node.target) if node.op == "call_function" else None
+        if pred is not None and pred(node.args, node.kwargs):
+            for user in list(node.users):
+                user.args = tuple(None if a is node else a for a in user.args)
+                user.kwargs = {k: (None if a is node else a) for k, a in user.kwargs.items()}
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
 
 
 def capture_fx(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
-    gm = trace_fx(model)
+    gm = fold_none_helpers(trace_fx(model, len(example_inputs)))
     ShapeProp(gm).propagate(*example_inputs)
     return gm
 

@@ -61,6 +61,8 @@ def replay(steps, terms, shape: tuple, device) -> tuple:
             fill = None if fill is None else fill * x
         elif op in ("add", "sub", "add_scaled"):
             x = args[0]
+            if x is None:  # an optional mask that is absent at run time
+                continue
             if op == "sub":
                 x = -x
             if op == "add_scaled":
@@ -123,12 +125,12 @@ class AttentionKernel(nn.Module):
     (after the site's view ops) and the score program's terms; output ``(..., Lq, Dv)``."""
 
     def __init__(self, plan: Plan, steps, views, dropout: tuple, sdpa: dict, kv_groups: int,
-                 path: str, softmax_dtype=None):
+                 path: str, softmax_dtype=None, out_views=()):
         super().__init__()
         self.plan, self.steps, self.views = plan, steps, views
         self.dropout_p, self.dropout_mode = dropout
         self.sdpa, self.kv_groups, self.path = sdpa, kv_groups, path
-        self.softmax_dtype = softmax_dtype
+        self.softmax_dtype, self.out_views = softmax_dtype, out_views
         self.fallback_reason: str | None = None
         self.calls = {"fused": 0, "literal": 0}
 
@@ -142,6 +144,9 @@ class AttentionKernel(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *terms) -> Tensor:
         q, k, v = (_apply_views(t, vw) for t, vw in zip((q, k, v), self.views))
+        return _apply_views(self._run(q, k, v, terms), self.out_views)
+
+    def _run(self, q: Tensor, k: Tensor, v: Tensor, terms) -> Tensor:
         if self._dropout() == 0.0 and self.fallback_reason is None:
             try:
                 out = self.fused(q, k, v, terms)
@@ -208,7 +213,7 @@ class AttentionKernel(nn.Module):
             elif op == "div":
                 s = s / args[0]
             elif op == "add":
-                s = s + args[0]
+                s = s if args[0] is None else s + args[0]
             elif op == "sub":
                 s = s - args[0]
             elif op == "add_scaled":

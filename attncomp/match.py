@@ -34,6 +34,7 @@ class Operand:
     node: fx.Node
     views: tuple = ()
     stripped: tuple = ()   # nodes between ``node`` and the product that the site absorbs
+    out_views: tuple = ()  # (v only) view ops from the kernel's (..., Lq, Dv) output to the site's
 
 
 @dataclass
@@ -76,6 +77,17 @@ def module_path(node: fx.Node) -> str:
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _users(node: fx.Node, gm, region: list) -> list:
+    """Users of ``node`` that compute something; run-time shape assertions join ``region``."""
+    real = []
+    for u in node.users:
+        if T.is_op(u, T.ASSERTS, gm) and not u.users:
+            region.append(u)
+        else:
+            real.append(u)
+    return real
 
 
 def _const(x) -> bool:
@@ -150,6 +162,8 @@ def _reaches(node, table: set, gm, depth: int = 12) -> bool:
             node = node.args[0]
         elif T.is_op(node, T.MUL | T.DIV | T.ADD | T.SUB, gm):
             return any(_reaches(a, table, gm, depth - 1) for a in node.args[:2])
+        elif T.is_op(node, T.ADD_OPTIONAL, gm):
+            node = node.args[0]
         elif T.is_op(node, T.MASKED_FILL, gm):
             node = node.args[0]
         elif T.is_op(node, T.WHERE, gm):
@@ -175,7 +189,7 @@ def _score_program(start: fx.Node, gm) -> tuple[fx.Node, list, list] | str:
             steps.reverse()
             return node, steps, region
         region.append(node)
-        if len(node.users) != 1:
+        if len(_users(node, gm, region)) != 1:
             return f"intermediate scores `{node.name}` have another user"
         a = node.args
         if T.is_op(node, T.CAST | T.CONTIGUOUS, gm):
@@ -202,6 +216,9 @@ def _score_program(start: fx.Node, gm) -> tuple[fx.Node, list, list] | str:
                     return f"`{node.name}` multiplies scores by a tensor that varies along keys"
             steps.append((op, other))
             node = chain
+        elif T.is_op(node, T.ADD_OPTIONAL, gm):
+            steps.append(("add", a[1] if len(a) > 1 else None))
+            node = a[0]
         elif T.is_op(node, T.MASKED_FILL, gm):
             steps.append(("masked_fill", a[1], T.arg(node, 2, "value")))
             node = a[0]
@@ -272,11 +289,15 @@ def _pv_operands(prod: fx.Node, p: fx.Node, gm) -> Operand | str:
         lhs, out = eq.replace(" ", "").split("->")
         a, b = lhs.split(",")
         batch, i, j = a[:-2], a[-2], a[-1]
-        e = out[-1]
-        if out != batch + i + e or sorted(b) != sorted(batch + j + e):
+        e = (set(b) - set(a)).pop() if len(set(b) - set(a)) == 1 else None
+        canon = batch + i + (e or "")
+        if e is None or sorted(out) != sorted(canon) or sorted(b) != sorted(batch + j + e):
             return f"einsum `{eq}` with v is not supported"
         perm = [b.index(c) for c in batch + j + e]
-        return Operand(ops[1], () if perm == list(range(len(perm))) else (("permute", tuple(perm)),))
+        operand = Operand(ops[1], () if perm == list(range(len(perm))) else (("permute", tuple(perm)),))
+        out_perm = [canon.index(c) for c in out]
+        operand.out_views = () if out_perm == list(range(len(out))) else (("permute", tuple(out_perm)),)
+        return operand
     if T.is_op(prod, T.MATMUL, gm) and prod.args[0] is p:
         return Operand(prod.args[1])
     return f"`{prod.name}` does not multiply the probabilities by v"
@@ -294,12 +315,12 @@ def match_softmax_chain(sm: fx.Node, gm) -> Site | Miss:
     if isinstance(res, str):
         return Miss(rule, sm, res, path)
     prod, steps, region = res
-    if len(prod.users) != 1:
+    if len(_users(prod, gm, region)) != 1:
         return Miss(rule, sm, "the q·kᵀ scores have another user", path)
     # forward from the softmax: casts, dropout, then the product with v
     node, after, dropout = sm, [sm], (0.0, "off")
     while True:
-        users = list(node.users)
+        users = _users(node, gm, region)
         if len(users) != 1:
             names = ", ".join(u.name for u in users) or "none"
             return Miss(rule, sm, f"attention probabilities have another user ({names})", path)

@@ -28,7 +28,7 @@ EINSUM = {torch.einsum, aten.einsum.default}
 BADDBMM = {torch.baddbmm, aten.baddbmm.default} | _m("baddbmm")
 SOFTMAX = {F.softmax, torch.softmax, aten._softmax.default, aten.softmax.int, nn.Softmax} | _m("softmax")
 DROPOUT = {F.dropout, torch.dropout, aten.dropout.default, nn.Dropout} | _m("dropout")
-CAST = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout} | _m(
+CAST = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default} | _m(
     "to", "type", "type_as", "float", "half", "bfloat16", "double")
 TRANSPOSE = {torch.transpose, aten.transpose.int} | _m("transpose")
 PERMUTE = {torch.permute, aten.permute.default} | _m("permute")
@@ -43,6 +43,23 @@ VIEW = {torch.reshape, aten.view.default, aten.reshape.default, aten._unsafe_vie
     "view", "reshape")
 EXPAND = {aten.expand.default} | _m("expand")
 GETITEM = {operator.getitem}
+# Opaque helpers that some libraries wrap for fx tracing and that mean ``scores + mask`` (the mask
+# may be None at run time): timm's ``maybe_add_mask``.
+ADD_OPTIONAL: set = set()
+# Opaque helpers that return None for the constant arguments given (fx graphs traced with
+# defaults fixed): target → predicate over the node's args.
+NONE_WHEN: dict = {}
+try:
+    from timm.layers import attention as _timm_attention
+
+    ADD_OPTIONAL.add(_timm_attention.maybe_add_mask)
+    # resolve_self_attn_mask(seq_len, attn, attn_mask=None, is_causal=False) is None without mask
+    NONE_WHEN[_timm_attention.resolve_self_attn_mask] = lambda a, kw: (
+        (a[2] if len(a) > 2 else kw.get("attn_mask")) is None
+        and (a[3] if len(a) > 3 else kw.get("is_causal", False)) is False)
+except Exception:  # timm missing or moved: nothing to add
+    pass
+ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, torch._assert}
 CONTIGUOUS = {aten.clone.default} | _m("contiguous")
 
 

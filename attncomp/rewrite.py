@@ -96,7 +96,8 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list) -> fx.GraphModul
         m = site.anchor
         softmax_dtype = m.kwargs.get("dtype") if site.rule == "softmax_chain" else None
         kernel = AttentionKernel(plan, steps, (site.q.views, site.k.views, site.v.views), site.dropout,
-                                 site.sdpa, site.kv_groups, site.module_path, softmax_dtype)
+                                 site.sdpa, site.kv_groups, site.module_path, softmax_dtype,
+                                 site.v.out_views)
         name = f"attncomp_site_{i}"
         while hasattr(gm, name):
             name += "_"

@@ -1,0 +1,20 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("ATTNCOMP_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache",
+                                                         "attncomp-kernels"))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64."""
+    out, ref = out.detach().double(), ref.detach().double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_reset():
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    yield
