@@ -26,6 +26,7 @@ MATMUL = {operator.matmul, torch.matmul, torch.bmm, aten.matmul.default, aten.bm
     "matmul", "bmm", "__matmul__")
 EINSUM = {torch.einsum, aten.einsum.default}
 BADDBMM = {torch.baddbmm, aten.baddbmm.default} | _m("baddbmm")
+MHA = {F.multi_head_attention_forward, nn.MultiheadAttention}
 SOFTMAX = {F.softmax, torch.softmax, aten._softmax.default, aten.softmax.int, nn.Softmax} | _m("softmax")
 DROPOUT = {F.dropout, torch.dropout, aten.dropout.default, nn.Dropout} | _m("dropout")
 CAST = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default} | _m(

@@ -109,6 +109,43 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list) -> fx.GraphModul
         _erase_region(gm, site)
         records.append(SiteRecord(site.module_path, site.rule, "replaced", "; ".join(plan.reasons),
                                   spec, plan, kernel))
+    _rewrite_mha(gm, parsed_strategy, records)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _rewrite_mha(gm: fx.GraphModule, parsed_strategy, records: list) -> None:
+    """Rule ``multihead_attention`` (``nn.MultiheadAttention`` / ``F.multi_head_attention_forward``)."""
+    from attncomp.passes import plan_site
+
+    from .match import COUNTERS, module_path
+    from .mha import MHAKernel, match_mha, mha_spec
+
+    for i, node in enumerate(list(gm.graph.nodes)):
+        if not T.is_op(node, T.MHA, gm):
+            continue
+        path = module_path(node) if node.op != "call_module" else str(node.target)
+        res = match_mha(node, gm)
+        COUNTERS[f"multihead_attention:{'miss' if isinstance(res, str) else 'hit'}"] += 1
+        if isinstance(res, str):
+            records.append(SiteRecord(path, "multihead_attention", "left", res))
+            continue
+        args, kw = res
+        spec = mha_spec(node, args, kw)
+        requested = for_site(parsed_strategy, path)
+        if requested is None:
+            records.append(SiteRecord(path, "multihead_attention", "left",
+                                      "no strategy pattern matches this module", spec))
+            continue
+        plan = plan_site(spec, requested)
+        kernel = MHAKernel(plan, path=path, **kw)
+        name = f"attncomp_mha_{i}"
+        gm.add_submodule(name, kernel)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, tuple(args))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        records.append(SiteRecord(path, "multihead_attention", "replaced", "; ".join(plan.reasons),
+                                  spec, plan, kernel))

@@ -176,8 +176,9 @@ def test_multihead_attention(batch_first, masks):
     kpm = torch.zeros(B, L, dtype=torch.bool)
     kpm[1, -5:] = True
     am = torch.zeros(L, L).masked_fill(~_causal_bool(), -math.inf)
+    # "both": bool masks of one type (torch warns, and Dynamo breaks the graph, on mixed types)
     kw = {"key_padding_mask": kpm if masks in ("key_padding", "both") else None,
-          "attn_mask": am if masks in ("attn_mask", "both") else None}
+          "attn_mask": {"attn_mask": am, "both": ~_causal_bool()}.get(masks)}
 
     class M(nn.Module):
         def __init__(self):
@@ -257,3 +258,22 @@ def test_softmax_over_other_axis_is_not_attention():
     fast = attncomp.optimize(model, example_inputs=qkv())
     rep = attncomp.explain(fast)
     assert not rep.replaced and "not the last axis" in rep.left[0].reason
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_fx_capture(batch_first):
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x):
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    x = torch.randn(B, L, 32) if batch_first else torch.randn(L, B, 32)
+    model = M()
+    fast = attncomp.optimize(model, example_inputs=(x,), capture="fx")
+    assert len(attncomp.explain(fast).replaced) == 1
+    assert rel_err(fast(x), model(x)) <= 1e-5

@@ -1,0 +1,424 @@
+"""CPU benchmark suite: attncomp against eager (and peers) on named cases.
+
+    python benchmarks/cpu_suite.py                      # every case, full sizes
+    python benchmarks/cpu_suite.py --quick              # fewer sizes and repeats
+    python benchmarks/cpu_suite.py --cases site_dense --out /tmp/bench
+
+Every shape point of a case builds its implementations, checks each output against the eager
+baseline (relative error ``||out - ref|| / ||ref||`` in float32, tolerance 1e-4), then times them:
+``time.perf_counter`` around one call, warm-up calls excluded, all implementations called in
+turns (eager, attncomp, peer, eager, ...) so that a change of machine load hits them alike, and
+the median of the repeats reported. Everything runs in eval mode under ``torch.no_grad()``.
+A mismatch is printed loudly, marked in the JSON (``"ok": false``) and makes the exit status 1;
+it is timed all the same.
+
+Results: ``<out>/cpu_suite.json`` (one row per case × shape × implementation, plus machine and
+version info) and ``<out>/cpu_suite.png`` (time vs sequence length, log-log, one panel per case).
+
+Adding a case: write ``def my_case(opts: Options) -> list[Result]`` that calls :func:`run_point`
+once per shape point, and add it to :data:`CASES`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import attncomp
+
+TOL = 1e-4  # relative error allowed against eager, float32
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------- harness
+@dataclass
+class Options:
+    quick: bool = False
+    warmup: int | None = None     # None: the case's default
+    repeats: int | None = None
+    gpt2_layers: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class Result:
+    """One row of the JSON: one implementation at one shape point of one case."""
+
+    case: str
+    impl: str
+    params: dict
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    repeats: int
+    warmup: int
+    times_ms: list[float]
+    rel_err: float | None          # against eager (None for eager itself)
+    max_abs_err: float | None
+    ok: bool                       # rel_err <= TOL (always True for eager)
+    attncomp: dict | None = None   # for the attncomp implementation: what explain says
+    notes: list[str] = field(default_factory=list)
+
+
+def _errors(out: Tensor, ref: Tensor) -> tuple[float, float]:
+    diff = out.double() - ref.double()
+    return (diff.norm() / ref.double().norm()).item(), diff.abs().max().item()
+
+
+def _explain_info(fast: nn.Module) -> dict:
+    report = attncomp.explain(fast)
+    kernels = [r.kernel for r in report.rows if r.kernel is not None]
+    return {
+        "sites": len(report.rows),
+        "replaced": len(report.replaced),
+        "left": len(report.left),
+        "masks": sorted({str(r.spec.mask) for r in report.rows if r.spec is not None}),
+        "strategies": sorted({str(r.strategy) for r in report.replaced}),
+        "fused_calls": sum(k.calls["fused"] for k in kernels),
+        "literal_calls": sum(k.calls["literal"] for k in kernels),
+        "fallbacks": [f"{k.path}: {k.fallback_reason}" for k in kernels if k.fallback_reason],
+        "left_reasons": [f"{r.path}: {r.reason}" for r in report.left],
+        "graphs": report.graphs,
+        "graph_breaks": report.graph_breaks,
+    }
+
+
+def _time_in_turns(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Milliseconds per call of each function; warm-up excluded; one call of each per round."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        gc.enable()
+    return times
+
+
+def run_point(case: str, params: dict, impls: dict[str, Callable[[], Tensor]], warmup: int, repeats: int,
+              fast: nn.Module | None = None, notes: list[str] | None = None) -> list[Result]:
+    """Verify and time one shape point. ``impls`` must start with ``"eager"``, the reference.
+
+    Each callable takes no arguments and returns the output tensor to compare. ``fast`` is the
+    module returned by ``attncomp.optimize`` (its explain report goes into the ``attncomp`` row).
+    """
+    assert next(iter(impls)) == "eager", "the first implementation is the eager baseline"
+    label = " ".join(f"{k}={v}" for k, v in params.items())
+    print(f"[{case}] {label}: verifying {', '.join(impls)}", flush=True)
+    with torch.no_grad():
+        ref = impls["eager"]()
+        errs = {name: _errors(fn(), ref) for name, fn in impls.items() if name != "eager"}
+        for name, (rel, _) in errs.items():
+            if not rel <= TOL:
+                print(f"\n{'!' * 78}\n!! MISMATCH [{case}] {label} impl={name}: relative error {rel:.3e} "
+                      f"> {TOL:g} against eager\n{'!' * 78}\n", flush=True)
+        print(f"[{case}] {label}: timing ({warmup} warm-up, {repeats} repeats, in turns)", flush=True)
+        times = _time_in_turns(impls, warmup, repeats)
+    info = _explain_info(fast) if fast is not None else None
+    if info and (info["literal_calls"] or info["left"] or info["fallbacks"]):
+        print(f"[{case}] {label}: note: attncomp did not fuse every site: {info}", flush=True)
+    rows = []
+    for name, ts in times.items():
+        rel, mx = errs.get(name, (None, None))
+        rows.append(Result(case, name, dict(params), statistics.median(ts), min(ts), max(ts), repeats, warmup,
+                           [round(t, 4) for t in ts], rel, mx, rel is None or rel <= TOL,
+                           info if name == "attncomp" else None, list(notes or [])))
+    return rows
+
+
+def _counts(opts: Options, warmup: int, repeats: int) -> tuple[int, int]:
+    return (opts.warmup if opts.warmup is not None else warmup,
+            opts.repeats if opts.repeats is not None else repeats)
+
+
+# ---------------------------------------------------------------------------------- site_dense
+def causal_additive_mask(L: int, dtype: torch.dtype, device) -> Tensor:
+    """``(L, L)`` additive causal mask: 0 where key ``j <= i``, ``finfo(dtype).min`` elsewhere."""
+    idx = torch.arange(L, device=device)
+    keep = idx[None, :] <= idx[:, None]
+    return torch.where(keep, 0.0, torch.finfo(dtype).min).to(dtype)
+
+
+class EagerCausalSite(nn.Module):
+    """One attention site as the explicit eager chain.
+
+    q, k, v: ``(B, H, L, D)`` float32 → ``(B, H, L, D)``. The mask is built inside ``forward`` from
+    ``arange`` and a comparison, the way transformers builds it.
+    """
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        L = q.shape[-2]
+        idx = torch.arange(L, device=q.device)
+        keep = idx[None, :] <= idx[:, None]
+        mask = torch.where(keep, 0.0, torch.finfo(q.dtype).min)
+        scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5) + mask
+        return scores.softmax(-1) @ v
+
+
+def _site_dense_point(L: int, opts: Options, warmup: int, repeats: int) -> list[Result]:
+    B, H, D = 1, 12, 64
+    torch.manual_seed(opts.seed)
+    q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
+    eager = EagerCausalSite().eval()
+    torch._dynamo.reset()  # every shape point is captured afresh (static shapes)
+    with torch.no_grad():
+        fast = attncomp.optimize(eager, example_inputs=(q, k, v))
+
+    def sdpa() -> Tensor:
+        mask = causal_additive_mask(L, q.dtype, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    impls = {
+        "eager": lambda: eager(q, k, v),
+        "attncomp": lambda: fast(q, k, v),
+        "sdpa": sdpa,
+        "sdpa_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+    }
+    params = {"B": B, "H": H, "L": L, "D": D, "dtype": "float32"}
+    return run_point("site_dense", params, impls, warmup, repeats, fast)
+
+
+def site_dense(opts: Options) -> list[Result]:
+    """A single causal attention site, B=1 H=12 D=64: eager chain vs attncomp vs SDPA (peers).
+
+    ``eager``: :class:`EagerCausalSite` as is; ``attncomp``: ``attncomp.optimize`` of it;
+    ``sdpa``: ``F.scaled_dot_product_attention`` with the same additive float mask (built per
+    call, like eager's); ``sdpa_causal``: SDPA with ``is_causal=True`` (no mask tensor).
+    """
+    lengths = (256, 1024) if opts.quick else (256, 512, 1024, 2048)
+    warmup, repeats = _counts(opts, 2 if opts.quick else 3, 5 if opts.quick else 10)
+    return [row for L in lengths for row in _site_dense_point(L, opts, warmup, repeats)]
+
+
+# ---------------------------------------------------------------------------------- gpt2_e2e
+def _gpt2(n_layer: int, attn_implementation: str, seed: int) -> nn.Module:
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=n_layer, n_head=12, n_embd=768, n_positions=1024,
+                        attn_implementation=attn_implementation)
+    return GPT2Model(config).eval()
+
+
+def gpt2_e2e(opts: Options) -> list[Result]:
+    """GPT-2 (transformers, random weights, 768 hidden, 12 heads) forward at batch 1."""
+    full_layers = 12
+    n_layer = opts.gpt2_layers or (4 if opts.quick else full_layers)
+    lengths = (1024,) if opts.quick else (512, 1024)
+    warmup, repeats = _counts(opts, 1, 3 if opts.quick else 5)
+    notes = []
+    if n_layer != full_layers:
+        notes.append(f"layers reduced from {full_layers} to {n_layer}"
+                     + (" (--quick)" if opts.quick and not opts.gpt2_layers else " (--gpt2-layers)"))
+    eager = _gpt2(n_layer, "eager", opts.seed)
+    sdpa = _gpt2(n_layer, "sdpa", opts.seed)  # same seed: same weights
+    e_state, s_state = eager.state_dict(), sdpa.state_dict()
+    if e_state.keys() != s_state.keys() or any(not torch.equal(e_state[n], s_state[n]) for n in e_state):
+        notes.append("hf_sdpa weights differed from eager's under the same seed; copied eager's weights")
+        sdpa.load_state_dict(e_state)
+    return [row for L in lengths
+            for row in _gpt2_point(eager, sdpa, L, n_layer, opts, warmup, repeats, notes)]
+
+
+def _gpt2_point(eager: nn.Module, sdpa: nn.Module, L: int, n_layer: int, opts: Options, warmup: int,
+                repeats: int, notes: list[str]) -> list[Result]:
+    torch.manual_seed(opts.seed)
+    ids = torch.randint(0, eager.config.vocab_size, (1, L))
+    torch._dynamo.reset()  # every shape point is captured afresh (static shapes)
+    with torch.no_grad():
+        fast = attncomp.optimize(eager, example_inputs=(ids,))
+    impls = {
+        "eager": lambda: eager(ids).last_hidden_state,
+        "attncomp": lambda: fast(ids).last_hidden_state,
+        "hf_sdpa": lambda: sdpa(ids).last_hidden_state,
+    }
+    params = {"B": 1, "L": L, "n_layer": n_layer, "n_head": 12, "n_embd": 768, "dtype": "float32"}
+    return run_point("gpt2_e2e", params, impls, warmup, repeats, fast, notes)
+
+
+CASES: dict[str, Callable[[Options], list[Result]]] = {
+    "site_dense": site_dense,
+    "gpt2_e2e": gpt2_e2e,
+}
+
+
+# ---------------------------------------------------------------------------------- reporting
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {
+        "platform": platform.platform(), "machine": platform.machine(), "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+        "mkldnn": torch.backends.mkldnn.is_available(), "mkl": torch.backends.mkl.is_available(),
+        "python": platform.python_version(), "torch": torch.__version__, "attncomp": attncomp.__version__,
+        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    try:
+        info["git_commit"] = _git("rev-parse", "HEAD") or None
+        info["git_dirty"] = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def _git(*args: str) -> str:
+    """Output of a read-only git command in the repository."""
+    done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False)
+    return done.stdout.strip()
+
+
+def print_table(rows: list[Result]) -> None:
+    base = {(r.case, json.dumps(r.params, sort_keys=True)): r.median_ms for r in rows if r.impl == "eager"}
+    head = ("case", "L", "impl", "median ms", "min ms", "speedup vs eager", "rel err", "check")
+    lines = []
+    for r in rows:
+        eager_ms = base.get((r.case, json.dumps(r.params, sort_keys=True)))
+        speed = f"x{eager_ms / r.median_ms:.2f}" if eager_ms else "-"
+        err = "-" if r.rel_err is None else f"{r.rel_err:.2e}"
+        check = "baseline" if r.impl == "eager" else ("ok" if r.ok else "MISMATCH")
+        lines.append((r.case, str(r.params.get("L", "-")), r.impl, f"{r.median_ms:.2f}", f"{r.min_ms:.2f}",
+                      speed, err, check))
+    widths = [max(len(h), *(len(x[i]) for x in lines)) for i, h in enumerate(head)]
+    right = {1, 3, 4, 5, 6}
+
+    def fmt(cells) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    print(fmt(head))
+    print(fmt(["-" * w for w in widths]))
+    prev = None
+    for r, x in zip(rows, lines):
+        key = (r.case, json.dumps(r.params, sort_keys=True))
+        if prev is not None and key != prev:
+            print()
+        prev = key
+        print(fmt(x))
+    print("speedup vs eager = eager median / impl median, measured in the same run (>1: faster than eager)")
+
+
+def plot(rows: list[Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r.case for r in rows))
+    fig, axes = plt.subplots(1, len(cases), figsize=(6 * len(cases), 4.5), squeeze=False)
+    for ax, case in zip(axes[0], cases):
+        sub = [r for r in rows if r.case == case]
+        for impl in dict.fromkeys(r.impl for r in sub):
+            pts = sorted((r.params["L"], r.median_ms) for r in sub if r.impl == impl)
+            bad = any(not r.ok for r in sub if r.impl == impl)
+            ax.plot(*zip(*pts), marker="o", label=impl + (" (MISMATCH)" if bad else ""))
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        extra = {k: v for k, v in sub[0].params.items() if k not in ("L", "dtype")}
+        ax.set_title(f"{case}  " + " ".join(f"{k}={v}" for k, v in extra.items()), fontsize=9)
+        ax.set_xlabel("sequence length L")
+        ax.set_ylabel("median time per call (ms)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"attncomp CPU suite — torch {torch.__version__}, {torch.get_num_threads()} threads",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from: {', '.join(CASES)}")
+    p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (and a 4-layer GPT-2)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "out"), help="output directory")
+    p.add_argument("--warmup", type=int, help="warm-up calls per implementation (default: per case)")
+    p.add_argument("--repeats", type=int, help="timed calls per implementation (default: per case)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--gpt2-layers", type=int, help="layers of the gpt2_e2e model (default 12; 4 with --quick)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CASES]
+    if unknown:
+        p.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    opts = Options(quick=args.quick, warmup=args.warmup, repeats=args.repeats, gpt2_layers=args.gpt2_layers,
+                   seed=args.seed)
+    info = machine_info()
+    print(f"attncomp CPU suite: cases {names}{' (quick)' if args.quick else ''}; torch {info['torch']}, "
+          f"{info['torch_threads']} threads, {info['cpu']}, load average {info['loadavg_start']}", flush=True)
+
+    start = time.perf_counter()
+    rows: list[Result] = []
+    case_seconds = {}
+    for name in names:
+        t0 = time.perf_counter()
+        rows += CASES[name](opts)
+        case_seconds[name] = round(time.perf_counter() - t0, 1)
+    info["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    mismatches = [r for r in rows if not r.ok]
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "suite": "cpu", "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv[1:], "quick": args.quick, "tolerance_rel_err": TOL, "machine": info,
+        "timing": "time.perf_counter per call; warm-up excluded; implementations called in turns; "
+                  "median of repeats; eval mode, torch.no_grad(); each shape point captured afresh",
+        "cases": {n: (CASES[n].__doc__ or "").strip() for n in names}, "case_seconds": case_seconds,
+        "total_seconds": round(time.perf_counter() - start, 1),
+        "mismatches": [f"{r.case} {r.params} {r.impl}: rel err {r.rel_err:.3e}" for r in mismatches],
+        "results": [asdict(r) for r in rows],
+    }
+    (out / "cpu_suite.json").write_text(json.dumps(doc, indent=2))
+    plot(rows, out / "cpu_suite.png")
+
+    print()
+    print_table(rows)
+    print(f"\nload average {info['loadavg_start']} at start, {info['loadavg_end']} at end; "
+          f"{doc['total_seconds']} s in all ({case_seconds})")
+    print(f"wrote {out / 'cpu_suite.json'} and {out / 'cpu_suite.png'}")
+    if mismatches:
+        print(f"\n!! {len(mismatches)} MISMATCH(ES) against eager (tolerance {TOL:g}):")
+        for m in doc["mismatches"]:
+            print(f"!!   {m}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
