@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 import threading
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from types import ModuleType
 
@@ -48,7 +48,7 @@ def template_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "templates"
 
 
-@lru_cache(maxsize=None)
+@cache
 def environment() -> jinja2.Environment:
     """The shared Jinja environment: StrictUndefined (a missing flag is an error)."""
     return jinja2.Environment(
@@ -62,7 +62,7 @@ def environment() -> jinja2.Environment:
 
 
 def _stem(template_name: str) -> str:
-    return template_name[: -len(_SUFFIX)] if template_name.endswith(_SUFFIX) else template_name
+    return template_name.removesuffix(_SUFFIX)
 
 
 def render(template_name: str, **flags: object) -> str:

@@ -95,8 +95,10 @@ def dense_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float
     """Dense attention forward; see the module docstring for shapes. Returns (out, lse)."""
     if use_triton(q):
         from . import triton_dense
-        return triton_dense.dense_fwd(q, k, v, bias, scale, causal_offset, softcap)
-    return _cpu_fwd(q, k, v, bias, scale, causal_offset, softcap)
+        out, lse = triton_dense.dense_fwd(q, k, v, bias, scale, causal_offset, softcap)
+    else:
+        out, lse = _cpu_fwd(q, k, v, bias, scale, causal_offset, softcap)
+    return out.contiguous(), lse.contiguous()
 
 
 @dense_fwd.register_fake
@@ -154,13 +156,14 @@ def dense_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None
                                                 softcap, want_dbias)
     else:
         dq, dk, dv, db = _cpu_bwd(dout, q, k, v, bias, out, lse, scale, causal_offset, softcap, want_dbias)
-    return dq, dk, dv, (db if db is not None else q.new_empty(0))
+    db = db if db is not None else q.new_empty(0)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), db.contiguous()
 
 
 @dense_bwd.register_fake
 def _(dout, q, k, v, bias, out, lse, scale, causal_offset, softcap, want_dbias):
     db = bias.new_empty(bias.shape) if (want_dbias and bias is not None) else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), db
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), db
 
 
 def _setup(ctx, inputs, output):

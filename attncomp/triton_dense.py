@@ -44,6 +44,14 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return out
 
 
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    # Same layout as t (dq keeps q's (B, L, H, D) storage order, say), like a fake impl's empty_like.
+    out = torch.empty_like(t)
+    if _poisoning():
+        out.fill_(float("nan"))
+    return out
+
+
 def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
@@ -194,13 +202,12 @@ def dense_bwd(
 
     dout, out (B, Hq, Lq, Dv) any strides; q, k, v, bias as in :func:`dense_fwd`;
     lse (B, Hq, Lq) f32 from the forward. Returns dq (B, Hq, Lq, D), dk (B, Hkv, Lk, D),
-    dv (B, Hkv, Lk, Dv) in the inputs' dtype, and dbias with bias's shape and dtype when
-    ``bias_requires_grad`` (else None). dbias goes through a full (B, Hq, Lq, Lk) f32 dS."""
+    dv (B, Hkv, Lk, Dv) in the inputs' dtypes and layouts (``empty_like``), and dbias with
+    bias's shape and dtype when ``bias_requires_grad`` (else None); dbias goes through a
+    full (B, Hq, Lq, Lk) f32 dS summed over bias's broadcast dims."""
     B, Hq, Hkv, Lq, Lk, D, Dv = _check(q, k, v)
     bias_grad = bias is not None and bias_requires_grad
-    dq = _empty((B, Hq, Lq, D), q.dtype, q.device)
-    dk = _empty((B, Hkv, Lk, D), k.dtype, k.device)
-    dv = _empty((B, Hkv, Lk, Dv), v.dtype, v.device)
+    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
     ds = _empty((B, Hq, Lq, Lk), torch.float32, q.device) if bias_grad else q
     if B * Hq == 0 or (Lq == 0 and Lk == 0):
         return dq, dk, dv, (_reduce_dbias(ds, bias) if bias_grad else None)

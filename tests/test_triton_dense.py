@@ -12,13 +12,16 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("ATTNCOMP_POISON", "1")
 
-from dataclasses import dataclass, field  # noqa: E402
+import hashlib
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
 
-import jinja2  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import jinja2
+import pytest
+import torch
 
-from attncomp import codegen, triton_dense  # noqa: E402
+from attncomp import codegen, triton_dense
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DT_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -206,6 +209,7 @@ def test_dense_matches_reference(case: Case):
     for name, got, leaf in zip(("dq", "dk", "dv"), (dq, dk, dv), leaves):
         assert got.shape == leaf.shape and got.dtype == case.dtype, name
         errs[name] = rel_err(got, leaf.grad)
+    assert dq.stride() == q.stride() and dk.stride() == k.stride() and dv.stride() == v.stride()
     if case.bias_grad:
         assert dbias.shape == bias.shape and dbias.dtype == bias.dtype
         errs["dbias"] = rel_err(dbias, b64.grad)
@@ -227,22 +231,26 @@ def test_backward_is_deterministic():
 
 
 # ----------------------------------------------------------------------------- codegen
-FWD_FLAGS = dict(HAS_BIAS=True, IS_CAUSAL=True, HAS_SOFTCAP=False, UPCAST_DOT=False)
+FWD_FLAGS = {"HAS_BIAS": True, "IS_CAUSAL": True, "HAS_SOFTCAP": False, "UPCAST_DOT": False}
 
 
 def test_codegen_memoises_render_and_import():
-    mod = codegen.load_kernel_module("dense_fwd", **FWD_FLAGS)
+    # A nonce flag (unused by the template, but part of the header and the key) makes this
+    # kernel new to the process whatever ran before.
+    flags = {**FWD_FLAGS, "TEST_NONCE": uuid.uuid4().hex}
     before = dict(codegen.STATS)
-    again = codegen.load_kernel_module("dense_fwd", **dict(reversed(list(FWD_FLAGS.items()))))
-    assert again is mod
-    assert codegen.STATS == before, "same flags must neither re-render nor re-import"
-    # the kernel file lives in the cache dir, and the interpreter was picked at import time
-    assert os.path.dirname(mod.__file__) == os.environ["ATTNCOMP_CACHE_DIR"]
-    assert os.path.basename(mod.__file__).startswith("dense_fwd_")
-    assert type(mod.attn_fwd).__name__ == "InterpretedFunction"
-    other = codegen.load_kernel_module("dense_fwd", **{**FWD_FLAGS, "HAS_SOFTCAP": True})
-    assert other is not mod
+    mod = codegen.load_kernel_module("dense_fwd", **flags)
     assert codegen.STATS == {"render": before["render"] + 1, "import": before["import"] + 1}
+    again = codegen.load_kernel_module("dense_fwd.py.j2", **dict(reversed(list(flags.items()))))
+    assert again is mod
+    assert codegen.STATS == {"render": before["render"] + 1, "import": before["import"] + 1}, (
+        "same flags must neither re-render nor re-import")
+    # written to the cache dir under its content hash; the interpreter was picked at import
+    path = Path(mod.__file__)
+    assert path.parent == Path(os.environ["ATTNCOMP_CACHE_DIR"])
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    assert path.name == f"dense_fwd_{digest}.py"
+    assert type(mod.attn_fwd).__name__ == "InterpretedFunction"
 
 
 def test_codegen_missing_flag_is_an_error():
