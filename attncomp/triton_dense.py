@@ -32,6 +32,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _check_interpreter() -> None:
+    """Under TRITON_INTERPRET=1, triton.language's own @jit helpers (tl.zeros, tl.sum, tl.max)
+    must have been built for the interpreter, which happens only if the variable was set
+    before triton was first imported (``import torch._dynamo`` imports triton)."""
+    if _interpreting() and isinstance(triton.language.zeros, triton.JITFunction):
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after triton was imported, so triton.language was built "
+            "for the compiler; set it before the first import of triton (or torch._dynamo)")
+
+
 def _poisoning() -> bool:
     # Debug aid: fill outputs with NaN before launch so unwritten elements show up.
     return os.environ.get("ATTNCOMP_POISON", "0") == "1"
@@ -163,6 +173,7 @@ def dense_fwd(
     f32 / f16 / bf16, Hq % Hkv == 0; bias None or float, broadcastable to (B, Hq, Lq, Lk).
     Returns out (B, Hq, Lq, Dv) in q.dtype and lse (B, Hq, Lq) f32 (natural log)."""
     B, Hq, Hkv, Lq, Lk, D, Dv = _check(q, k, v)
+    _check_interpreter()
     out = _empty((B, Hq, Lq, Dv), q.dtype, q.device)
     lse = _empty((B, Hq, Lq), torch.float32, q.device)
     if out.numel() == 0 and lse.numel() == 0:
@@ -206,6 +217,7 @@ def dense_bwd(
     bias's shape and dtype when ``bias_requires_grad`` (else None); dbias goes through a
     full (B, Hq, Lq, Lk) f32 dS summed over bias's broadcast dims."""
     B, Hq, Hkv, Lq, Lk, D, Dv = _check(q, k, v)
+    _check_interpreter()
     bias_grad = bias is not None and bias_requires_grad
     dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
     ds = _empty((B, Hq, Lq, Lk), torch.float32, q.device) if bias_grad else q
