@@ -1,7 +1,11 @@
 import os
 
-import pytest
-import torch
+# Triton kernels run on CPU tensors through Triton's interpreter in the tests. Triton reads this
+# when triton.language is first imported (torch._dynamo imports it), so it is set before torch.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("ATTNCOMP_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache",
                                                          "attncomp-kernels"))
