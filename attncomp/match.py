@@ -390,7 +390,7 @@ def fold_repeat_kv(site: Site, gm) -> Site:
     if rk is None or rv is None or rk[1] != rv[1]:
         return site
     extra = []
-    for op, rep in ((site.k, rk), (site.v, rv)):
+    for op in (site.k, site.v):
         if len(op.node.users) == 1:
             extra += [op.node, op.node.args[0], op.node.args[0].args[0]]
     site.k, site.v, site.kv_groups = Operand(rk[0]), Operand(rv[0]), rk[1]

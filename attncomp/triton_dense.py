@@ -20,6 +20,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 from . import codegen
 
@@ -36,7 +37,7 @@ def _check_interpreter() -> None:
     """Under TRITON_INTERPRET=1, triton.language's own @jit helpers (tl.zeros, tl.sum, tl.max)
     must have been built for the interpreter, which happens only if the variable was set
     before triton was first imported (``import torch._dynamo`` imports triton)."""
-    if _interpreting() and isinstance(triton.language.zeros, triton.JITFunction):
+    if _interpreting() and isinstance(tl.zeros, triton.JITFunction):
         raise RuntimeError(
             "TRITON_INTERPRET=1 was set after triton was imported, so triton.language was built "
             "for the compiler; set it before the first import of triton (or torch._dynamo)")
@@ -94,6 +95,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int,
         raise ValueError(f"Hq={Hq} must be a multiple of Hkv={Hkv}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError("q, k, v must share a dtype")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError("q, k, v must be on one device")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"unsupported dtype {q.dtype}")
     return B, Hq, Hkv, Lq, Lk, D, v.shape[-1]
@@ -105,8 +108,8 @@ def _bias_4d(bias: torch.Tensor | None, shape: tuple[int, int, int, int], ref: t
     Without a bias, returns ``ref`` as a never-read placeholder pointer."""
     if bias is None:
         return ref
-    if not bias.is_floating_point() or bias.dim() > 4:
-        raise ValueError("bias must be a floating tensor broadcastable to (B, Hq, Lq, Lk)")
+    if not bias.is_floating_point() or bias.dim() > 4 or bias.device != ref.device:
+        raise ValueError("bias must be a floating tensor on q's device, broadcastable to (B, Hq, Lq, Lk)")
     return bias.expand(shape)
 
 
