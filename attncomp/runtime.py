@@ -22,11 +22,14 @@ _FORCE_TRITON = {"value": None}
 
 
 def use_triton(t: Tensor) -> bool:
-    """Triton on CUDA; on CPU only when the interpreter switch is on (``ATTNCOMP_KERNELS=triton``)."""
+    """Triton on CUDA; on CPU only when the interpreter switch is on (``ATTNCOMP_KERNELS=triton``).
+
+    float64 always runs on the torch executor (the kernels take fp32, fp16 and bf16).
+    """
     forced = _FORCE_TRITON["value"]
     if forced is None:
         forced = os.environ.get("ATTNCOMP_KERNELS", "auto")
-    if forced == "torch":
+    if forced == "torch" or t.dtype == torch.float64:
         return False
     if t.is_cuda:
         return True
@@ -34,11 +37,11 @@ def use_triton(t: Tensor) -> bool:
 
 
 def set_kernels(mode: str | None) -> None:
-    """``"triton"``: run Triton kernels on CPU through the interpreter; ``"torch"``: never; ``None``: env."""
+    """``"triton"``: CPU tensors too run the Triton kernels, through Triton's interpreter — which
+    needs ``TRITON_INTERPRET=1`` in the environment before torch is first imported (the kernels
+    raise a clear error otherwise); ``"torch"``: never Triton; ``None``: ``$ATTNCOMP_KERNELS``."""
     if mode not in (None, "auto", "triton", "torch"):
         raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {mode!r}")
-    if mode == "triton":
-        os.environ["TRITON_INTERPRET"] = "1"
     _FORCE_TRITON["value"] = mode
 
 
@@ -70,7 +73,8 @@ def math_scores(q, k, bias, scale, causal_offset, softcap) -> Tensor:
 
 
 def _cpu_fused_ok(q: Tensor, softcap: float, causal_offset) -> bool:
-    return softcap == 0.0 and causal_offset in (None, 0) and q.shape[-1] == q.shape[-1]
+    """torch's fused CPU flash kernel covers this call (else the math path runs)."""
+    return q.device.type == "cpu" and softcap == 0.0 and causal_offset in (None, 0)
 
 
 def _cpu_fwd(q, k, v, bias, scale, causal_offset, softcap):
