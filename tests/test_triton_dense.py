@@ -1,15 +1,7 @@
 """Dense Triton attention kernels vs an eager float64 reference (Triton interpreter, CPU).
 
-When TRITON_INTERPRET is read: ``@triton.jit`` picks the interpreter or the compiler when
-it decorates a function (triton.knobs reads the environment on each access). Our kernels
-are decorated when attncomp.codegen imports them, lazily, memoised per interpreter mode,
-so setting the variable any time before the first launch works for them. But
-triton.language's own ``@jit`` helpers (tl.zeros, tl.sum, tl.max) are decorated when
-triton itself is first imported, and ``import torch._dynamo`` (hence ``import attncomp``)
-imports triton. So the variable must be set before that: at the top of this module when it
-runs alone; when the whole suite runs, other test modules import triton first, and the
-module fixture below rebuilds those helpers for the interpreter (the clean fix is
-``os.environ.setdefault("TRITON_INTERPRET", "1")`` at the top of tests/conftest.py).
+TRITON_INTERPRET must be set before triton is first imported (``import torch._dynamo``, hence
+``import attncomp``, imports it): tests/conftest.py sets it before anything else.
 """
 
 import os
@@ -25,30 +17,11 @@ from pathlib import Path
 import jinja2
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 from attncomp import codegen, triton_dense
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DT_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def _interpret_triton_language(mp: pytest.MonkeyPatch) -> None:
-    """If triton was imported before TRITON_INTERPRET=1, its language-level @jit helpers are
-    compiler JITFunctions that refuse to run inside an interpreted kernel: swap in
-    interpreter versions (same Python function; one wrapper per helper) for this module."""
-    if not isinstance(tl.zeros, triton.JITFunction):
-        return
-    from triton.runtime.interpreter import InterpretedFunction
-
-    wrapped: dict[int, InterpretedFunction] = {}
-    for module in (tl, tl.standard):
-        for name, obj in list(vars(module).items()):
-            if isinstance(obj, triton.JITFunction):
-                if id(obj) not in wrapped:
-                    wrapped[id(obj)] = InterpretedFunction(obj.fn)
-                mp.setattr(module, name, wrapped[id(obj)])
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -57,7 +30,6 @@ def _interpreter_env(tmp_path_factory):
         mp.setenv("TRITON_INTERPRET", "1")
         mp.setenv("ATTNCOMP_POISON", "1")  # launchers fill outputs with NaN before each run
         mp.setenv("ATTNCOMP_CACHE_DIR", str(tmp_path_factory.mktemp("kernels")))
-        _interpret_triton_language(mp)
         yield
 
 
