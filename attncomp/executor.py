@@ -160,9 +160,8 @@ class AttentionKernel(nn.Module):
 
     # ------------------------------------------------------------------ fused path
     def fused(self, q: Tensor, k: Tensor, v: Tensor, terms) -> Tensor:
-        if self.kv_groups > 1 or self.sdpa.get("enable_gqa"):
-            pass  # k, v keep Hkv heads; the op maps query heads onto them
-        elif k.shape[:-2] != q.shape[:-2]:
+        grouped = self.kv_groups > 1 or self.sdpa.get("enable_gqa")  # k, v keep Hkv heads
+        if not grouped and k.shape[:-2] != q.shape[:-2]:
             raise Unsupported("q and k batch dims differ")
         shape = (*q.shape[:-1], k.shape[-2])
         scale, bias, keep, fill = replay(self.steps, terms, shape, q.device)
