@@ -45,7 +45,7 @@ def check_program(site: Site) -> str | None:
             c = _const_value(args[0])
             if c is None and (masked or viewed):
                 return "the scores are scaled by a tensor after a mask or a view"
-            if masked and c is not None and not (c > 0 if op == "mul" else c > 0):
+            if masked and c is not None and not c > 0:
                 return "the masked scores are scaled by a non-positive constant"
         elif op in ("add", "sub", "add_scaled"):
             if masked and (fill is None or fill > -BIG):

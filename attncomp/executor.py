@@ -167,8 +167,9 @@ class AttentionKernel(nn.Module):
         scale, bias, keep, fill = replay(self.steps, terms, shape, q.device)
         if isinstance(scale, Tensor):
             q, scale = q * scale.to(q.dtype), 1.0
-        if self.rule_scale is not None:
-            scale = scale * self.rule_scale(q)
+        if self.sdpa:  # SDPA's scale argument; None means 1/sqrt(D)
+            s = self.sdpa.get("scale")
+            scale = scale * (1.0 / math.sqrt(q.shape[-1]) if s is None else s)
         add = _fold(bias, keep, fill, q.dtype)
         if add is not None:
             add = add.to(q.dtype)
@@ -186,13 +187,6 @@ class AttentionKernel(nn.Module):
         if self.plan.spec.empty_rows == "nan" and add4 is not None:
             out = out.masked_fill(torch.isneginf(add4).all(-1, keepdim=True), math.nan)
         return out.reshape(*lead, q.shape[-2], v.shape[-1])
-
-    @property
-    def rule_scale(self):
-        if self.sdpa:
-            s = self.sdpa.get("scale")
-            return (lambda q: 1.0 / math.sqrt(q.shape[-1])) if s is None else (lambda q: s)
-        return None
 
     # ------------------------------------------------------------------ literal path
     def literal(self, q: Tensor, k: Tensor, v: Tensor, terms) -> Tensor:

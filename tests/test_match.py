@@ -36,6 +36,17 @@ class Chain4(Chain):
         return self.fn(self, q, k, v, extra)
 
 
+class WithMHA(nn.Module):
+    """A model calling ``call(mha, x)`` on one nn.MultiheadAttention."""
+
+    def __init__(self, mha, call):
+        super().__init__()
+        self.mha, self.call = mha, call
+
+    def forward(self, x):
+        return self.call(self.mha, x)
+
+
 def _causal_bool(lq=L, lk=L):
     return torch.ones(lq, lk, dtype=torch.bool).tril()
 
@@ -180,15 +191,7 @@ def test_multihead_attention(batch_first, masks):
     kw = {"key_padding_mask": kpm if masks in ("key_padding", "both") else None,
           "attn_mask": {"attn_mask": am, "both": ~_causal_bool()}.get(masks)}
 
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mha = mha
-
-        def forward(self, x):
-            return self.mha(x, x, x, need_weights=False, **kw)[0]
-
-    model = M()
+    model = WithMHA(mha, lambda mha, x: mha(x, x, x, need_weights=False, **kw)[0])
     ref = model(x)
     fast = attncomp.optimize(model, example_inputs=(x,))
     rep = attncomp.explain(fast)
@@ -215,17 +218,12 @@ def test_probabilities_used_elsewhere_not_rewritten():
 def test_mha_need_weights_left_with_reason():
     mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
 
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mha = mha
-
-        def forward(self, x):
-            out, w = self.mha(x, x, x, need_weights=True)
-            return out + w.sum()
+    def call(mha, x):
+        out, w = mha(x, x, x, need_weights=True)
+        return out + w.sum()
 
     x = torch.randn(B, L, 32)
-    fast = attncomp.optimize(M(), example_inputs=(x,))
+    fast = attncomp.optimize(WithMHA(mha, call), example_inputs=(x,))
     rep = attncomp.explain(fast)
     assert not rep.replaced and rep.left, str(rep)
     assert all("another user" in r.reason for r in rep.left)
@@ -264,16 +262,8 @@ def test_softmax_over_other_axis_is_not_attention():
 def test_multihead_attention_fx_capture(batch_first):
     mha = nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
 
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mha = mha
-
-        def forward(self, x):
-            return self.mha(x, x, x, need_weights=False)[0]
-
     x = torch.randn(B, L, 32) if batch_first else torch.randn(L, B, 32)
-    model = M()
+    model = WithMHA(mha, lambda mha, x: mha(x, x, x, need_weights=False)[0])
     fast = attncomp.optimize(model, example_inputs=(x,), capture="fx")
     assert len(attncomp.explain(fast).replaced) == 1
     assert rel_err(fast(x), model(x)) <= 1e-5
