@@ -21,10 +21,12 @@ block) are never *full*: the partial path also does the bounds check.
 
 from __future__ import annotations
 
+import ast
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import sympy
 import torch
 from torch import Tensor
 
@@ -34,7 +36,8 @@ _CHUNK = 1 << 22  # elements of the (q, kv) grid evaluated at once when building
 
 def eval_expr(expr: str, q: Tensor, kv: Tensor) -> Tensor:
     """Evaluate a mask predicate (see ``attncomp.ir``) on broadcastable int64 index tensors."""
-    return torch.as_tensor(eval(expr, {"__builtins__": {}}, {"q": q, "kv": kv, "where": torch.where}))  # noqa: S307
+    # torch.where imports lazily on its first scalar call, so the namespace keeps the builtins
+    return torch.as_tensor(eval(expr, {"where": torch.where}, {"q": q, "kv": kv}))  # noqa: S307
 
 
 def dense_keep(expr: str | None, Lq: int, Lk: int, device=None) -> Tensor:
@@ -46,7 +49,7 @@ def dense_keep(expr: str | None, Lq: int, Lk: int, device=None) -> Tensor:
     return eval_expr(expr, q, kv).expand(Lq, Lk)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BlockTable:
     block_m: int
     block_n: int
@@ -110,8 +113,59 @@ def _tail_partial(states: Tensor, block_m: int, block_n: int, Lq: int, Lk: int) 
     return states
 
 
+class _SympyEq(ast.NodeTransformer):
+    """``a == b`` / ``a != b`` → ``Eq(a, b)`` / ``Ne(a, b)``: on sympy objects Python's ``==`` is
+    structural equality (a plain bool), not a relation."""
+
+    def visit_Compare(self, node):
+        self.generic_visit(node)
+        if len(node.ops) == 1 and isinstance(node.ops[0], (ast.Eq, ast.NotEq)):
+            fn = "Eq" if isinstance(node.ops[0], ast.Eq) else "Ne"
+            return ast.copy_location(ast.Call(ast.Name(fn, ast.Load()), [node.left, node.comparators[0]], []), node)
+        return node
+
+
+def difference_form(expr: str):
+    """If the predicate depends on ``kv - q`` alone (causal, sliding windows and their conjunctions),
+    a function of that difference, proved with sympy (``kv = q + d`` substituted, every comparison
+    normalised to ``(lhs - rhs) rel 0`` and expanded, and ``q`` gone); else ``None``."""
+    q, kv, d = sympy.symbols("q kv d", integer=True)
+    try:
+        pred = eval(compile(_SympyEq().visit(ast.parse(expr, mode="eval")), "<mask>", "eval"),  # noqa: S307
+                    {"Eq": sympy.Eq, "Ne": sympy.Ne}, {"q": q, "kv": kv})
+        if not isinstance(pred, sympy.Basic):
+            return None
+        pred = pred.subs(kv, q + d).replace(lambda a: isinstance(a, sympy.core.relational.Relational),
+                                            lambda a: a.func(sympy.expand(a.lhs - a.rhs), 0))
+    except Exception:  # noqa: BLE001 — anything sympy cannot read is simply not in difference form
+        return None
+    if pred.free_symbols - {d}:
+        return None
+    return sympy.lambdify(d, pred, modules="numpy")
+
+
+def _difference_states(fn, Lq: int, Lk: int, block_m: int, block_n: int, device) -> Tensor:
+    """Exact tile states of a predicate f(kv - q): a tile's differences form the contiguous range
+    ``[k0 - q1, k1 - q0]`` (each value attained), so prefix sums of f over all differences answer
+    "any visible" / "all visible" per tile in O(1)."""
+    import numpy as np
+
+    dvals = np.arange(-(Lq - 1), Lk)
+    vis = torch.as_tensor(np.broadcast_to(np.asarray(fn(dvals), dtype=bool), dvals.shape).copy())
+    csum = torch.cat([torch.zeros(1, dtype=torch.int64), vis.long().cumsum(0)])
+    q0 = torch.arange(0, Lq, block_m)
+    k0 = torch.arange(0, Lk, block_n)
+    q1, k1 = (q0 + block_m).clamp(max=Lq) - 1, (k0 + block_n).clamp(max=Lk) - 1
+    lo = (k0[None, :] - q1[:, None]) + (Lq - 1)
+    hi = (k1[None, :] - q0[:, None]) + (Lq - 1)
+    count = csum[hi + 1] - csum[lo]
+    states = torch.where(count == hi - lo + 1, FULL, torch.where(count > 0, PARTIAL, EMPTY)).to(torch.uint8)
+    return states[None, None].to(device)
+
+
 def static_states(expr: str | None, Lq: int, Lk: int, block_m: int, block_n: int, device) -> Tensor:
-    """Tile states ``(1, 1, nQB, nKB)`` of a static predicate, by exact evaluation on the index grid.
+    """Tile states ``(1, 1, nQB, nKB)`` of a static predicate: analytic for predicates of ``kv - q``
+    (:func:`difference_form`), else by exact evaluation on the whole index grid.
 
     Padding rows/columns (index ≥ length) do not count: a tile is FULL when every in-range element
     is visible, EMPTY when none is (and the tail rule of :func:`_tail_partial` then applies)."""
@@ -119,6 +173,9 @@ def static_states(expr: str | None, Lq: int, Lk: int, block_m: int, block_n: int
     if expr is None:
         states = torch.full((1, 1, nqb, nkb), FULL, dtype=torch.uint8, device=device)
         return _tail_partial(states, block_m, block_n, Lq, Lk)
+    fn = difference_form(expr)
+    if fn is not None:
+        return _tail_partial(_difference_states(fn, Lq, Lk, block_m, block_n, device), block_m, block_n, Lq, Lk)
     kv = torch.arange(nkb * block_n, device=device)
     kv_ok = (kv < Lk).view(1, 1, nkb, block_n)
     rows = max(1, _CHUNK // (block_m * nkb * block_n))
@@ -205,3 +262,21 @@ def block_table(expr: str | None, keep: Tensor | None, Lq: int, Lk: int, block_m
     if ref() is not keep:
         _RUNTIME[key] = (weakref.ref(keep), table := make_runtime())
     return table
+
+
+@torch.library.custom_op("attncomp::block_table", mutates_args=())
+def block_table_op(like: Tensor, keep: Tensor | None, expr: str, Lq: int, Lk: int, block_m: int,
+                   block_n: int) -> list[Tensor]:
+    """:func:`block_table` as an op (opaque to ``torch.compile``): the eight index tensors of
+    ``BlockTable.tensors`` on ``like``'s device (copies of the cached table)."""
+    table = block_table(expr or None, keep, Lq, Lk, block_m, block_n, like.device)
+    return [t.clone() for t in table.tensors]
+
+
+@block_table_op.register_fake
+def _(like, keep, expr, Lq, Lk, block_m, block_n):
+    nqb, nkb = -(-Lq // block_m), -(-Lk // block_n)
+    Bt = 1 if keep is None or keep.dim() < 4 else keep.shape[0]
+    Ht = 1 if keep is None or keep.dim() < 3 else keep.shape[-3]
+    shapes = [(Bt, Ht, nqb), (Bt, Ht, nqb, nkb)] * 2 + [(Bt, Ht, nkb), (Bt, Ht, nkb, nqb)] * 2
+    return [like.new_empty(s, dtype=torch.int32) for s in shapes]

@@ -113,6 +113,29 @@ class Prefix:
         return f"prefix({self.n})"
 
 
+def _row_major(v: str, ax: int, shape: tuple[int, ...]) -> str:
+    """Coordinate ``ax`` of flat index ``v`` over a row-major grid of ``shape``."""
+    inner = 1
+    for n in shape[ax + 1:]:
+        inner *= n
+    c = f"({v} // {inner})" if inner > 1 else v
+    return f"({c} % {shape[ax]})" if ax > 0 else c
+
+
+def _grid_coord(v: str, ax: int, shape: tuple[int, ...], tile: tuple[int, ...] | None) -> str:
+    """Coordinate ``ax`` of token ``v``: row-major order, or tile-major order when ``tile`` is set
+    (tiles of ``tile`` extents in row-major order, tokens row-major inside each tile)."""
+    if tile is None:
+        return _row_major(v, ax, shape)
+    size = 1
+    for t in tile:
+        size *= t
+    tiles = tuple(n // t for n, t in zip(shape, tile))
+    outer = _row_major(f"({v} // {size})", ax, tiles)
+    inner = _row_major(f"({v} % {size})", ax, tile)
+    return f"({outer} * {tile[ax]} + {inner})"
+
+
 @dataclass(frozen=True)
 class Neighborhood:
     """NATTEN neighborhood attention over a row-major grid of ``shape`` (1-3 axes), per axis:
@@ -124,6 +147,10 @@ class Neighborhood:
     group (``(x' // s) * s + s // 2``, capped at ``Xg - 1``), shifted inwards at the borders — never
     truncated; a causal query sees ``y' <= x'`` with ``leader - y' < kernel``, the leader being the last
     query of its stride group. ``stride == kernel`` is blocked (Swin-style window) attention.
+
+    ``q_tile`` / ``kv_tile``: when set, query / key tokens are numbered tile-major (tiles of these
+    extents, which divide ``shape``) instead of row-major, so 1-D blocks of the sequence are 2-D/3-D
+    tiles of the grid (``attncomp.ops.neighborhood_attention`` permutes its inputs that way).
     """
 
     shape: tuple[int, ...]
@@ -131,18 +158,12 @@ class Neighborhood:
     dilation: tuple[int, ...]
     stride: tuple[int, ...]
     causal: tuple[bool, ...]
+    q_tile: tuple[int, ...] | None = None
+    kv_tile: tuple[int, ...] | None = None
 
     def _axis_expr(self, ax: int) -> str:
         X, K, d, s = self.shape[ax], self.kernel[ax], self.dilation[ax], self.stride[ax]
-        inner = 1
-        for n in self.shape[ax + 1:]:
-            inner *= n
-
-        def coord(v: str) -> str:
-            c = f"({v} // {inner})" if inner > 1 else v
-            return f"({c} % {X})" if ax > 0 else c
-
-        x, y = coord("q"), coord("kv")
+        x, y = _grid_coord("q", ax, self.shape, self.q_tile), _grid_coord("kv", ax, self.shape, self.kv_tile)
         xg, yg = (f"({x} // {d})", f"({y} // {d})") if d > 1 else (x, y)
         group_len = f"(({X} - {x} % {d} + {d - 1}) // {d})" if d > 1 else str(X)
         same_group = f" & ({x} % {d} == {y} % {d})" if d > 1 else ""

@@ -1,0 +1,223 @@
+"""Attention ops you can call directly: masked (block-sparse) attention and the local family.
+
+All ops are differentiable and exact: they compute the same numbers as dense attention with the
+equivalent boolean mask, visiting only the tiles the mask leaves (``attncomp::sparse_fwd``; on CUDA
+generated Triton kernels, on CPU the block-gathering torch executor).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import blocks, ir
+from . import sparse as _sparse  # noqa: F401  (registers the custom ops)
+from .runtime import use_triton
+
+__all__ = ["attention", "neighborhood_attention", "block_attention", "grid_attention", "halo_attention",
+           "default_blocks"]
+
+
+def default_blocks(D: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+    """Tile sizes (BLOCK_M, BLOCK_N) used to build block tables when none are given."""
+    if device.type == "cuda":
+        return (128, 64) if D <= 64 else (64, 64)
+    if use_triton(torch.empty(0, dtype=dtype, device=device)):  # Triton's interpreter: few, small tiles
+        return 32, 16
+    return 64, 64
+
+
+def _check_mask(mask) -> str | None:
+    if mask is None or isinstance(mask, ir.Full):
+        return None
+    if isinstance(mask, ir.TensorMask) or (isinstance(mask, ir.And) and ir.runtime_part(mask)):
+        raise TypeError("attention(mask=...) takes static masks (ir.Causal, ir.Window, ...); pass run-time "
+                        "tensors as keep= (bool) or bias= (additive)")
+    if not hasattr(mask, "expr"):
+        raise TypeError(f"mask must be an attncomp.ir mask (Causal, Window, Neighborhood, ...), got "
+                        f"{type(mask).__name__}")
+    return mask.expr()
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, keep: Tensor | None = None,
+              bias: Tensor | None = None, scale: float | None = None, softcap: float = 0.0,
+              blocks_mn: tuple[int, int] | None = None) -> Tensor:
+    """Masked attention that computes only the tiles the mask leaves.
+
+    Args:
+        q: ``(B, Hq, Lq, D)``; k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``; one float dtype,
+            ``Hq % Hkv == 0`` (GQA / MQA without repeating k, v).
+        mask: a static IR mask over (query index, key index): ``ir.Causal(offset)``,
+            ``ir.Window(left, right)``, ``ir.BlockDiagonal(n)``, ``ir.Grid(s)``, ``ir.Prefix(n)``,
+            ``ir.Neighborhood(...)``, ``ir.Predicate(expr)``, or ``And`` / ``Or`` of them.
+        keep: optional bool tensor broadcastable to ``(B, Hq, Lq, Lk)``; True = visible (e.g. key
+            padding ``(B, 1, 1, Lk)``). ANDed with ``mask``.
+        bias: optional additive float tensor broadcastable to ``(B, Hq, Lq, Lk)``.
+        scale: score scale (default ``1/sqrt(D)``); softcap: ``softcap·tanh(s/softcap)`` when > 0.
+        blocks_mn: tile sizes of the block table (default: :func:`default_blocks`).
+
+    Returns:
+        ``(B, Hq, Lq, Dv)`` in q's dtype. A query that sees no key gets zeros.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D (B, H, L, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    B, Hq, Lq, D = q.shape
+    if k.shape[0] != B or v.shape[:3] != k.shape[:3] or k.shape[3] != D:
+        raise ValueError(f"incompatible shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+    if k.shape[1] == 0 or Hq % k.shape[1]:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]})")
+    if keep is not None and keep.dtype != torch.bool:
+        raise TypeError(f"keep must be a bool tensor (True = visible), got {keep.dtype}; pass additive "
+                        "masks as bias=")
+    expr = _check_mask(mask)
+    Lk = k.shape[2]
+    for name, t in (("keep", keep), ("bias", bias)):
+        if t is not None:
+            try:
+                torch.broadcast_shapes(t.shape, (B, Hq, Lq, Lk))
+            except RuntimeError:
+                raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to "
+                                 f"(B, Hq, Lq, Lk) = {(B, Hq, Lq, Lk)}") from None
+    bm, bn = blocks_mn or default_blocks(max(D, v.shape[3]), q.dtype, q.device)
+    table = blocks.block_table_op(q, keep, expr or "", Lq, Lk, bm, bn)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    out, _ = torch.ops.attncomp.sparse_fwd(q, k, v, bias, keep, *table, scale, float(softcap), expr or "", bm, bn)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The local family (NATTEN semantics)
+# ------------------------------------------------------------------------------------------------
+
+
+def _per_axis(x, n: int, name: str) -> tuple:
+    t = tuple(x) if isinstance(x, Sequence) else (x,) * n
+    if len(t) != n:
+        raise ValueError(f"{name} has {len(t)} entries for {n} spatial axes")
+    return t
+
+
+def neighborhood_mask(spatial: Sequence[int], kernel_size, dilation=1, stride=1, is_causal=False) -> ir.Neighborhood:
+    """The :class:`~attncomp.ir.Neighborhood` mask for a grid of ``spatial`` extents, validated."""
+    n = len(spatial)
+    if not 1 <= n <= 3:
+        raise ValueError(f"neighborhood attention takes 1-3 spatial axes, got {n}")
+    ks, ds, ss = (_per_axis(x, n, name) for x, name in ((kernel_size, "kernel_size"), (dilation, "dilation"),
+                                                        (stride, "stride")))
+    cs = tuple(bool(c) for c in _per_axis(is_causal, n, "is_causal"))
+    for ax, (X, K, d, s) in enumerate(zip(spatial, ks, ds, ss)):
+        if K < 1 or d < 1 or s < 1:
+            raise ValueError(f"axis {ax}: kernel_size, dilation and stride must be >= 1 (got {K}, {d}, {s})")
+        if K * d > X:
+            raise ValueError(f"axis {ax}: kernel_size * dilation = {K * d} exceeds the input extent {X}")
+        if s > K:
+            raise ValueError(f"axis {ax}: stride {s} exceeds kernel_size {K}")
+    return ir.Neighborhood(tuple(int(x) for x in spatial), ks, ds, ss, cs)
+
+
+def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, kernel_size, dilation=1, stride=1, is_causal=False,
+                           scale: float | None = None) -> Tensor:
+    """Neighborhood attention over a 1-3-D grid (NATTEN semantics: windows shifted at the borders,
+    never truncated; see :class:`attncomp.ir.Neighborhood`).
+
+    Args:
+        q, k, v: ``(B, *spatial, H, D)`` (NATTEN's layout; ``spatial`` has 1-3 axes, the same for all
+            three; k and v may have fewer heads than q when ``H % Hkv == 0``).
+        kernel_size, dilation, stride: an int or one per axis; ``is_causal``: a bool or one per axis.
+        scale: default ``1/sqrt(D)``.
+
+    Returns:
+        ``(B, *spatial, H, Dv)``.
+    """
+    if q.dim() < 4 or q.dim() > 6:
+        raise ValueError(f"q must be (B, *spatial, H, D) with 1-3 spatial axes, got shape {tuple(q.shape)}")
+    spatial = tuple(q.shape[1:-2])
+    if tuple(k.shape[1:-2]) != spatial or tuple(v.shape[1:-2]) != spatial:
+        raise ValueError(f"q, k, v must share the spatial shape; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    mask = neighborhood_mask(spatial, kernel_size, dilation, stride, is_causal)
+    q_tile, kv_tile = _tiles(spatial)
+    if q_tile is not None:
+        mask = dataclasses.replace(mask, q_tile=q_tile, kv_tile=kv_tile)
+    blocks_mn = None
+    if q_tile is not None:
+        blocks_mn = (math.prod(q_tile), math.prod(kv_tile))
+        if use_triton(q) and min(blocks_mn) < 16:  # tl.dot takes tiles of 16 or more
+            blocks_mn = None
+
+    def heads_first(x: Tensor, tile) -> Tensor:
+        return _to_tiles(x, tile).transpose(1, 2)
+
+    out = attention(heads_first(q, q_tile), heads_first(k, kv_tile), heads_first(v, kv_tile), mask, scale=scale,
+                    blocks_mn=blocks_mn)
+    return _from_tiles(out.transpose(1, 2), spatial, q_tile)
+
+
+def _tiles(spatial: tuple[int, ...]) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """Tile-major token order for 2-D / 3-D grids: a block of queries is then a compact tile, whose
+    neighbours fall in few key tiles (8×8 query tiles and 4×4 key tiles in 2-D)."""
+    if len(spatial) == 1:
+        return None, None
+    want = 8 if len(spatial) == 2 else 4
+    q_tile = tuple(next(t for t in (want, want // 2, 2, 1) if n % t == 0) for n in spatial)
+    if math.prod(q_tile) < 16:
+        return None, None
+    kv_tile = tuple(max(1, t // 2) for t in q_tile)
+    return q_tile, kv_tile
+
+
+def _to_tiles(x: Tensor, tile) -> Tensor:
+    """``(B, *spatial, H, D)`` → ``(B, L, H, D)`` in row-major (``tile`` None) or tile-major order."""
+    B, spatial, tail = x.shape[0], x.shape[1:-2], x.shape[-2:]
+    if tile is None:
+        return x.reshape(B, -1, *tail)
+    n = len(spatial)
+    split = [d for s, t in zip(spatial, tile) for d in (s // t, t)]
+    order = [0] + [1 + 2 * i for i in range(n)] + [2 + 2 * i for i in range(n)] + [2 * n + 1, 2 * n + 2]
+    return x.reshape(B, *split, *tail).permute(order).reshape(B, -1, *tail)
+
+
+def _from_tiles(x: Tensor, spatial, tile) -> Tensor:
+    """Inverse of :func:`_to_tiles`: ``(B, L, H, D)`` → ``(B, *spatial, H, D)``."""
+    B, tail = x.shape[0], x.shape[-2:]
+    if tile is None:
+        return x.reshape(B, *spatial, *tail)
+    n = len(spatial)
+    x = x.reshape(B, *(s // t for s, t in zip(spatial, tile)), *tile, *tail)
+    order = [0] + [d for i in range(n) for d in (1 + i, 1 + n + i)] + [2 * n + 1, 2 * n + 2]
+    return x.permute(order).reshape(B, *spatial, *tail)
+
+
+def block_attention(q: Tensor, k: Tensor, v: Tensor, window, scale: float | None = None) -> Tensor:
+    """Swin / MaxViT block attention: non-overlapping ``window`` tiles attend within themselves.
+    Layout as :func:`neighborhood_attention`; each extent must be a multiple of its window."""
+    spatial = tuple(q.shape[1:-2])
+    w = _per_axis(window, len(spatial), "window")
+    if any(X % x for X, x in zip(spatial, w)):
+        raise ValueError(f"spatial extents {spatial} must be multiples of the window {w}")
+    return neighborhood_attention(q, k, v, kernel_size=w, stride=w, scale=scale)
+
+
+def grid_attention(q: Tensor, k: Tensor, v: Tensor, grid, scale: float | None = None) -> Tensor:
+    """MaxViT grid attention: a ``grid`` of tokens spaced ``extent // grid`` apart attend to each other
+    (dilated neighborhood with kernel = stride = grid). Extents must be multiples of ``grid``."""
+    spatial = tuple(q.shape[1:-2])
+    g = _per_axis(grid, len(spatial), "grid")
+    if any(X % x for X, x in zip(spatial, g)):
+        raise ValueError(f"spatial extents {spatial} must be multiples of the grid {g}")
+    return neighborhood_attention(q, k, v, kernel_size=g, dilation=tuple(X // x for X, x in zip(spatial, g)),
+                                  stride=g, scale=scale)
+
+
+def halo_attention(q: Tensor, k: Tensor, v: Tensor, block, halo, scale: float | None = None) -> Tensor:
+    """Blocked attention with a halo (HaloNet-style): each ``block`` of queries attends to its block
+    grown by ``halo`` on every side (neighborhood with kernel = block + 2·halo, stride = block; at the
+    borders the window is shifted inwards, not zero-padded)."""
+    spatial = tuple(q.shape[1:-2])
+    b, h = _per_axis(block, len(spatial), "block"), _per_axis(halo, len(spatial), "halo")
+    return neighborhood_attention(q, k, v, kernel_size=tuple(x + 2 * y for x, y in zip(b, h)), stride=b, scale=scale)

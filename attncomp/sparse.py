@@ -1,0 +1,291 @@
+"""Block-sparse attention: the ``attncomp::sparse_fwd`` / ``attncomp::sparse_bwd`` custom ops.
+
+Inputs (normalised, as for ``attncomp::dense_fwd``):
+
+* q ``(B, Hq, Lq, D)``, k ``(B, Hkv, Lk, D)``, v ``(B, Hkv, Lk, Dv)``, ``Hq % Hkv == 0``.
+* bias: ``None`` or a float tensor broadcastable to ``(B, Hq, Lq, Lk)`` (additive).
+* keep: ``None`` or a bool tensor broadcastable to ``(B, Hq, Lq, Lk)`` (True = visible).
+* the block table's index tensors (``attncomp.blocks.BlockTable``, built for ``block_m × block_n``
+  tiles from ``mask_expr`` and ``keep``) and ``mask_expr``, a static predicate (``""``: none).
+
+Key ``j`` is visible from query ``i`` iff tile ``(i // block_m, j // block_n)`` is FULL, or it is
+PARTIAL and ``j < Lk``, ``mask_expr(i, j)`` and ``keep[b, h, i, j]`` hold. EMPTY tiles are never
+computed. Scores are ``scale·q·kᵀ`` (soft-capped when ``softcap > 0``) ``+ bias`` over the visible
+keys; ``out = softmax @ v``; ``lse`` ``(B, Hq, Lq)`` float32. A row with no visible key gives
+``out = 0`` and ``lse = -inf``.
+
+CUDA tensors run the generated Triton kernels (``attncomp.triton_sparse``); CPU tensors run the
+torch executor below, which gathers, per query block, only the key blocks the table lists — memory
+``O(Lq · keys per block)``, never ``O(Lq · Lk)``. Its backward recomputes that forward under
+autograd (exact, same memory bound).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from .blocks import _LRU, BlockTable, eval_expr
+from .runtime import use_triton
+
+_SCORE_BUDGET = 1 << 24  # score elements per chunk of query blocks in the CPU executor
+_VIS = _LRU(256)  # visibility of static tables, per (expr, shape, blocks, chunk)
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU executor
+# ------------------------------------------------------------------------------------------------
+
+
+def _union(kv_num, kv_idx, full_num, full_idx) -> tuple[Tensor, Tensor, Tensor]:
+    """Per query block: the visited key blocks (partial then full), their FULL flags and a validity
+    mask, each ``(Bt, Ht, nQB, maxK)``."""
+    kmax = int((kv_num + full_num).max()) if kv_num.numel() else 0
+    kmax = max(kmax, 1)
+    p = int(kv_num.max()) if kv_num.numel() else 0
+    f = int(full_num.max()) if full_num.numel() else 0
+    slots_p = torch.arange(p, device=kv_idx.device)
+    slots_f = torch.arange(f, device=kv_idx.device)
+    # concatenate [partial (p slots) | full (f slots)], then compact the valid slots to the front
+    idx = torch.cat([kv_idx[..., :p], full_idx[..., :f]], -1)
+    valid = torch.cat([slots_p < kv_num[..., None], slots_f < full_num[..., None]], -1)
+    full = torch.cat([torch.zeros_like(valid[..., :p]), torch.ones_like(valid[..., p:])], -1)
+    order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices[..., :kmax]
+    take = (lambda t: torch.gather(t, -1, order)) if idx.shape[-1] else (lambda t: t[..., :0])
+    idx, full, valid = take(idx).long(), take(full), take(valid)
+    if idx.shape[-1] < kmax:  # nothing visited anywhere: one dummy, invalid slot
+        pad = kmax - idx.shape[-1]
+        idx = torch.nn.functional.pad(idx, (0, pad))
+        full = torch.nn.functional.pad(full, (0, pad))
+        valid = torch.nn.functional.pad(valid, (0, pad))
+    return idx, full & valid, valid
+
+
+def _gather_blocks(x: Tensor, idx: Tensor, block: int) -> Tensor:
+    """x ``(B, H, nKB*block, D)``, idx ``(B|1, H|1, nQ, K)`` → ``(B, H, nQ, K*block, D)``."""
+    B, H, _, D = x.shape
+    nkb = x.shape[2] // block
+    idx = idx.expand(B, H, *idx.shape[2:])
+    base = (torch.arange(B, device=x.device)[:, None] * H + torch.arange(H, device=x.device)[None, :]) * nkb
+    flat = (idx + base[:, :, None, None]).reshape(-1)
+    out = x.reshape(B * H * nkb, block, D).index_select(0, flat)
+    return out.reshape(B, H, idx.shape[2], idx.shape[3] * block, D)
+
+
+def _gather_tiles(m: Tensor, idx: Tensor, q0: int, nq: int, block_m: int, block_n: int) -> Tensor:
+    """m ``(Bm, Hm, nQB*block_m, nKB*block_n)`` (padded), idx ``(Bt, Ht, nq, K)`` → the visited tiles
+    of query blocks ``q0 .. q0+nq`` as ``(B', H', nq, block_m, K*block_n)``."""
+    Bm, Hm = m.shape[:2]
+    nkb = m.shape[3] // block_n
+    B2, H2 = max(Bm, idx.shape[0]), max(Hm, idx.shape[1])
+    tiles = m[:, :, q0 * block_m:(q0 + nq) * block_m].reshape(Bm, Hm, nq, block_m, nkb, block_n)
+    tiles = tiles.expand(B2, H2, *tiles.shape[2:])
+    index = idx[:, :, :, None, :, None].expand(B2, H2, nq, block_m, idx.shape[3], block_n)
+    return torch.gather(tiles, 4, index).reshape(B2, H2, nq, block_m, idx.shape[3] * block_n)
+
+
+def _pad_to(x: Tensor, dim: int, n: int, value=0) -> Tensor:
+    extra = n - x.shape[dim]
+    if extra == 0:
+        return x
+    pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [0, extra]
+    return torch.nn.functional.pad(x, pad, value=value)
+
+
+def _full4(t: Tensor, B: int, H: int, Lq: int, Lk: int) -> Tensor:
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    return t.expand(t.shape[0], t.shape[1], Lq, Lk)
+
+
+def cpu_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tensor | None,
+                kv_num: Tensor, kv_idx: Tensor, full_num: Tensor, full_idx: Tensor, scale: float,
+                softcap: float, mask_expr: str, block_m: int, block_n: int) -> tuple[Tensor, Tensor]:
+    """The torch executor (differentiable in q, k, v, bias). Shapes as in the module docstring."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    nqb, nkb = -(-Lq // block_m), -(-Lk // block_n)
+    idx, full, valid = _union(kv_num, kv_idx, full_num, full_idx)
+    Ht = idx.shape[1]
+    if Ht not in (1, Hq):
+        raise ValueError(f"block table has {Ht} heads; expected 1 or {Hq}")
+    G = Hq // Hkv
+    if Ht == Hq and G > 1:  # per-query-head tables: give every query head its own k / v rows
+        k = k[:, :, None].expand(B, Hkv, G, Lk, D).reshape(B, Hq, Lk, D)
+        v = v[:, :, None].expand(B, Hkv, G, Lk, Dv).reshape(B, Hq, Lk, Dv)
+        Hkv, G = Hq, 1
+    kp = _pad_to(k, 2, nkb * block_n).to(acc)
+    vp = _pad_to(v, 2, nkb * block_n).to(acc)
+    qp = _pad_to(q, 2, nqb * block_m).to(acc)
+    # (B, Hkv, nQB, G*block_m, D): the group's query heads share one gathered key set
+    qg = qp.reshape(B, Hkv, G, nqb, block_m, D).permute(0, 1, 3, 2, 4, 5).reshape(B, Hkv, nqb, G * block_m, D)
+    keep4 = None if keep is None else _pad_to(_pad_to(_full4(keep, B, Hq, Lq, Lk), 2, nqb * block_m, False),
+                                               3, nkb * block_n, False)
+    bias4 = None if bias is None else _pad_to(_pad_to(_full4(bias, B, Hq, Lq, Lk), 2, nqb * block_m),
+                                               3, nkb * block_n).to(acc)
+    K = idx.shape[-1]
+    per_block = B * Hq * block_m * K * block_n
+    step = max(1, _SCORE_BUDGET // max(per_block, 1))
+    grad = torch.is_grad_enabled()
+    outs, lses = [], []
+    for q0 in range(0, nqb, step):
+        nq = min(step, nqb - q0)
+        ib = idx[:, :, q0:q0 + nq]
+        kg = _gather_blocks(kp, ib, block_n)  # (B, Hkv, nq, K*bn, D); ib's heads are 1 or Hkv (== Hq)
+        vg = _gather_blocks(vp, ib, block_n)
+        parts = (mask_expr, ib, full[:, :, q0:q0 + nq], valid[:, :, q0:q0 + nq])
+        if keep4 is None and ib.shape[:2] == (1, 1):  # static table: the visibility is cached
+            key = (mask_expr, Lq, Lk, block_m, block_n, q0, nq, K, str(q.device))
+            vis = _VIS.get_or(key, functools.partial(_visibility, *parts, None, q0, nq, Lk, block_m, block_n))
+        else:
+            vis = _visibility(*parts, keep4, q0, nq, Lk, block_m, block_n)
+        vis = _heads_to_group(vis, Hkv, G)  # (B'|1, Hkv|1, nq, G|1, bm, K*bn)
+        s = (qg[:, :, q0:q0 + nq] * scale) @ kg.transpose(-1, -2)  # (B, Hkv, nq, G*bm, K*bn)
+        s = s.view(B, Hkv, nq, G, block_m, K * block_n)
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        if bias4 is not None:
+            s = s + _heads_to_group(_gather_tiles(bias4, ib, q0, nq, block_m, block_n), Hkv, G)
+        if grad:  # differentiable and NaN-free for rows with no visible key
+            s = s.masked_fill(~vis, float("-inf"))
+            m = s.amax(-1, keepdim=True).detach()
+            m = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=acc))
+            e = torch.exp(s - m)
+            den = e.sum(-1, keepdim=True)
+            o = (e.view(B, Hkv, nq, G * block_m, K * block_n) @ vg).view(B, Hkv, nq, G, block_m, Dv)
+            o = o / torch.where(den > 0, den, torch.ones((), dtype=acc))
+            lse = (m + torch.log(den)).squeeze(-1)
+        else:  # inference: torch's fused softmax, lse from the row max: lse = m - log(max p)
+            s.masked_fill_(~vis, float("-inf"))
+            m = s.amax(-1)
+            p = torch.softmax(s, -1)
+            empty = torch.isneginf(m)
+            if bool(empty.any()):
+                p.masked_fill_(empty[..., None], 0.0)
+            o = (p.view(B, Hkv, nq, G * block_m, K * block_n) @ vg).view(B, Hkv, nq, G, block_m, Dv)
+            lse = torch.where(empty, m, m - torch.log(p.amax(-1)))
+        outs.append(o)
+        lses.append(lse)
+    out = torch.cat(outs, 2).permute(0, 1, 3, 2, 4, 5).reshape(B, Hq, nqb * block_m, Dv)[:, :, :Lq]
+    lse = torch.cat(lses, 2).permute(0, 1, 3, 2, 4).reshape(B, Hq, nqb * block_m)[:, :, :Lq]
+    return out.to(q.dtype), lse.float()
+
+
+def _visibility(mask_expr, ib, fb, vb, keep4, q0, nq, Lk, block_m, block_n) -> Tensor:
+    """Which gathered scores are visible: bool ``(B', H', nq, bm, K*bn)``."""
+    qi = torch.arange(q0 * block_m, (q0 + nq) * block_m, device=ib.device).view(nq, block_m, 1)
+    kvi = (ib[..., None] * block_n + torch.arange(block_n, device=ib.device)).flatten(-2)[:, :, :, None, :]
+    vis = kvi < Lk
+    if mask_expr:
+        vis = vis & eval_expr(mask_expr, qi, kvi)
+    if keep4 is not None:
+        vis = vis & _gather_tiles(keep4, ib, q0, nq, block_m, block_n)
+    full = fb.repeat_interleave(block_n, -1)[:, :, :, None, :]
+    valid = vb.repeat_interleave(block_n, -1)[:, :, :, None, :]
+    return valid & (full | vis)
+
+
+def _heads_to_group(t: Tensor, Hkv: int, G: int) -> Tensor:
+    """``(B', H', nq, bm, S)`` with H' in {1, Hq} → ``(B', Hkv|1, nq, G|1, bm, S)``."""
+    if t.shape[1] == 1:
+        return t[:, :, :, None]
+    return t.reshape(t.shape[0], Hkv, G, *t.shape[2:]).permute(0, 1, 3, 2, 4, 5)
+
+
+def _autograd_inside_op():
+    """A custom op's kernel runs below the autograd dispatch keys; the CPU backward re-enables them
+    (only inside this op) to differentiate the executor's own forward."""
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor):
+        exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+# ------------------------------------------------------------------------------------------------
+# Custom ops
+# ------------------------------------------------------------------------------------------------
+
+
+def _table(kv_num, kv_idx, full_num, full_idx, block_m, block_n, Lq, Lk, q_lists) -> BlockTable:
+    """A BlockTable view of the op's index tensors (for the Triton launchers)."""
+    return BlockTable(block_m, block_n, Lq, Lk, kv_num, kv_idx, full_num, full_idx, *q_lists, states=None)
+
+
+@torch.library.custom_op("attncomp::sparse_fwd", mutates_args=())
+def sparse_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tensor | None,
+               kv_num: Tensor, kv_idx: Tensor, full_num: Tensor, full_idx: Tensor, q_num: Tensor, q_idx: Tensor,
+               qfull_num: Tensor, qfull_idx: Tensor, scale: float, softcap: float, mask_expr: str, block_m: int,
+               block_n: int) -> tuple[Tensor, Tensor]:
+    """Block-sparse attention forward; see the module docstring (the table's eight index tensors, in
+    ``BlockTable.tensors`` order). Returns (out, lse)."""
+    if use_triton(q):
+        from . import triton_sparse
+        table = _table(kv_num, kv_idx, full_num, full_idx, block_m, block_n, q.shape[2], k.shape[2],
+                       (q_num, q_idx, qfull_num, qfull_idx))
+        out, lse = triton_sparse.sparse_fwd(q, k, v, bias, keep, table, scale, softcap, mask_expr or None)
+    else:
+        with torch.no_grad():
+            out, lse = cpu_forward(q, k, v, bias, keep, kv_num, kv_idx, full_num, full_idx, scale, softcap,
+                                   mask_expr, block_m, block_n)
+    return out.contiguous(), lse.contiguous()
+
+
+@sparse_fwd.register_fake
+def _(q, k, v, bias, keep, kv_num, kv_idx, full_num, full_idx, q_num, q_idx, qfull_num, qfull_idx, scale, softcap,
+      mask_expr, block_m, block_n):
+    return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("attncomp::sparse_bwd", mutates_args=())
+def sparse_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tensor | None,
+               out: Tensor, lse: Tensor, kv_num: Tensor, kv_idx: Tensor, full_num: Tensor, full_idx: Tensor,
+               q_num: Tensor, q_idx: Tensor, qfull_num: Tensor, qfull_idx: Tensor, scale: float, softcap: float,
+               mask_expr: str, block_m: int, block_n: int,
+               want_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv, dbias) of :func:`sparse_fwd`; dbias is empty unless ``want_dbias``."""
+    if use_triton(q):
+        from . import triton_sparse
+        table = _table(kv_num, kv_idx, full_num, full_idx, block_m, block_n, q.shape[2], k.shape[2],
+                       (q_num, q_idx, qfull_num, qfull_idx))
+        dq, dk, dv, db = triton_sparse.sparse_bwd(dout, q, k, v, bias, keep, out, lse, table, scale, softcap,
+                                                  mask_expr or None, want_dbias)
+    else:
+        with _autograd_inside_op(), torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            b = bias.detach().requires_grad_() if want_dbias else bias
+            o, _ = cpu_forward(*leaves, b, keep, kv_num, kv_idx, full_num, full_idx, scale, softcap, mask_expr,
+                               block_m, block_n)
+            grads = torch.autograd.grad(o, leaves + ([b] if want_dbias else []), dout, allow_unused=True)
+        dq, dk, dv = (g if g is not None else torch.zeros_like(t) for g, t in zip(grads[:3], (q, k, v)))
+        db = grads[3] if want_dbias else None
+    db = db if db is not None else q.new_empty(0)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), db.contiguous()
+
+
+@sparse_bwd.register_fake
+def _(dout, q, k, v, bias, keep, out, lse, kv_num, kv_idx, full_num, full_idx, q_num, q_idx, qfull_num, qfull_idx,
+      scale, softcap, mask_expr, block_m, block_n, want_dbias):
+    db = bias.new_empty(bias.shape) if (want_dbias and bias is not None) else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), db
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, bias, keep, *lists = inputs[:13]
+    ctx.save_for_backward(q, k, v, bias, keep, *lists, *output)
+    ctx.args = inputs[13:]
+    ctx.want_dbias = bias is not None and bias.requires_grad
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, bias, keep, *rest = ctx.saved_tensors
+    lists, (out, lse) = rest[:8], rest[8:]
+    dq, dk, dv, db = sparse_bwd(dout.contiguous(), q, k, v, bias, keep, out, lse, *lists, *ctx.args,
+                                ctx.want_dbias)
+    return dq, dk, dv, (db if ctx.want_dbias else None), *(None,) * 14
+
+
+sparse_fwd.register_autograd(_backward, setup_context=_setup)
