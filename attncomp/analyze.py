@@ -7,11 +7,13 @@ when it cannot, the reason is returned and the site stays on its eager path.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from . import ops_table as T
-from .ir import AttentionSpec, Causal, Dims, Score, TensorMask, mask_and
+from .ir import AttentionSpec, Causal, Dims, Mask, Score, TensorMask, mask_and
 from .match import Site
 
 BIG = 1e30
@@ -102,3 +104,68 @@ def analyze(site: Site) -> AttentionSpec:
     return AttentionSpec(
         dims=dims, dtype=dtype, score=Score(scale=scale, bias=tuple(bias)), mask=mask_and(*masks),
         dropout_p=site.dropout[0], empty_rows="zero" if site.sdpa else "nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks built in the graph (attncomp.mask_analysis proves what they compute)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MaskUse:
+    """A mask step of a site's score program whose value is proved: ``static`` (an IR mask) AND,
+    when ``keep_src`` is set, ``keep_fn(value of keep_src)`` (a bool tensor broadcastable to the
+    scores). ``fill`` is the score eager gives hidden positions (``-inf`` or ``finfo.min``)."""
+
+    static: Mask
+    keep_src: torch.fx.Node | None
+    keep_fn: Callable | None
+    fill: float
+    proof: str
+
+
+def recognise_masks(site: Site, spec: AttentionSpec) -> tuple[list, list[MaskUse]] | str:
+    """Replace the proven mask steps of ``site.steps`` by ``("mask", i)`` (``i`` indexes the returned
+    uses); returns (new steps, uses).
+
+    Every ``masked_fill`` / ``where`` / bool SDPA mask must be proved, else nothing is (the reason is
+    returned and the masks stay on the folded-bias path); an ``add`` is a proven mask when its term
+    is an additive mask built in the graph, and otherwise stays as a bias term."""
+    from .mask_analysis import analyze_mask
+
+    Lq, Lk = spec.dims.Lq, spec.dims.Lk
+    if Lq is None or Lk is None:
+        return "the scores' shape is unknown"
+    if any(s[0] == "view" for s in site.steps):
+        return "the scores are viewed between the product and the softmax"
+    kept, uses = [], []
+    for step in site.steps:
+        op = step[0]
+        if op in ("masked_fill", "masked_fill_not"):
+            fill = _const_value(step[2])
+            if fill is None:
+                return "a mask is filled with a tensor"
+            fact = analyze_mask(step[1], Lq, Lk, negate=op == "masked_fill")
+            if isinstance(fact, str):
+                return fact
+            kept.append(("mask", len(uses)))
+            uses.append(MaskUse(fact.static, fact.keep_src, fact.keep_fn, fill, fact.proof))
+        elif op == "add" and isinstance(step[1], torch.fx.Node):
+            fact = analyze_mask(step[1], Lq, Lk)
+            if isinstance(fact, str) or fact.fill is None:
+                kept.append(step)
+            else:
+                kept.append(("mask", len(uses)))
+                uses.append(MaskUse(fact.static, fact.keep_src, fact.keep_fn, fact.fill, fact.proof))
+        else:
+            kept.append(step)
+    if not uses:
+        return "no mask built in the graph"
+    return kept, uses
+
+
+def mask_of(uses: list[MaskUse]) -> Mask:
+    """The IR mask of proven mask steps (static kinds, plus ``key_padding`` for run-time parts)."""
+    parts = [u.static for u in uses]
+    parts += [TensorMask("bool", None, "key_padding") for u in uses if u.keep_src is not None]
+    return mask_and(*parts)

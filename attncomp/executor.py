@@ -11,19 +11,31 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import runtime
-from .ir import Plan
+from . import blocks, runtime
+from .ir import Causal, Mask, Plan, mask_and
 
 BIG = 1e30  # a fill value at or below -BIG masks a score exactly like -inf (see `_fold`)
 
 
 class Unsupported(Exception):
     """The fused path cannot express this call; the literal path runs instead."""
+
+
+@dataclass(frozen=True)
+class KernelMask:
+    """A proven mask of the site (see ``attncomp.analyze.MaskUse``): ``static`` AND
+    ``keep_fn(terms[keep_term])``; hidden positions get ``fill`` in eager."""
+
+    static: Mask
+    keep_term: int | None
+    keep_fn: object
+    fill: float
 
 
 def _ref(x, terms):
@@ -87,7 +99,7 @@ def replay(steps, terms, shape: tuple, device) -> tuple:
             bias = None if bias is None else bias.expand(cur).reshape(new)
             keep = None if keep is None else keep.expand(cur).reshape(new)
             cur = tuple(new)
-        elif op == "cast":
+        elif op in ("cast", "mask"):  # proven masks run in the kernel (AttentionKernel.masks)
             continue
         else:
             raise Unsupported(f"score step {op}")
@@ -125,12 +137,15 @@ class AttentionKernel(nn.Module):
     (after the site's view ops) and the score program's terms; output ``(..., Lq, Dv)``."""
 
     def __init__(self, plan: Plan, steps, views, dropout: tuple, sdpa: dict, kv_groups: int,
-                 path: str, softmax_dtype=None, out_views=()):
+                 path: str, softmax_dtype=None, out_views=(), masks: tuple[KernelMask, ...] = ()):
         super().__init__()
         self.plan, self.steps, self.views = plan, steps, views
         self.dropout_p, self.dropout_mode = dropout
         self.sdpa, self.kv_groups, self.path = sdpa, kv_groups, path
         self.softmax_dtype, self.out_views = softmax_dtype, out_views
+        self.masks = masks
+        self.static = mask_and(*(m.static for m in masks))
+        self.expr = self.static.expr() if masks else None
         self.fallback_reason: str | None = None
         self.calls = {"fused": 0, "literal": 0}
 
@@ -183,16 +198,70 @@ class AttentionKernel(nn.Module):
             add = add[0]
         add4 = None if add is None else _to4d(add)
         causal = 0 if self.sdpa.get("is_causal") else None
-        out, _ = runtime.dense_fwd(q4, k4, v4, add4, float(scale), causal, 0.0)
-        if self.plan.spec.empty_rows == "nan" and add4 is not None:
-            out = out.masked_fill(torch.isneginf(add4).all(-1, keepdim=True), math.nan)
+        if self.masks:
+            out = self._masked(q4, k4, v4, add4, float(scale), terms)
+        else:
+            out, _ = runtime.dense_fwd(q4, k4, v4, add4, float(scale), causal, 0.0)
+            if self.plan.spec.empty_rows == "nan" and add4 is not None:
+                out = out.masked_fill(torch.isneginf(add4).all(-1, keepdim=True), math.nan)
         return out.reshape(*lead, q.shape[-2], v.shape[-1])
+
+    def _keep(self, terms) -> Tensor | None:
+        """The proven masks' run-time part: a bool tensor broadcastable to the scores, or None."""
+        keep = None
+        for m in self.masks:
+            if m.keep_term is not None:
+                kt = m.keep_fn(terms[m.keep_term])
+                keep = kt if keep is None else keep & kt
+        return keep
+
+    def _masked(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, terms) -> Tensor:
+        """Attention under the proven masks: the dense causal kernel when that is all there is, the
+        block-sparse kernel otherwise (visiting only the tiles the mask leaves), or — when the plan
+        says dense — the dense kernel on the materialised mask."""
+        from .ops import default_blocks
+
+        keep, Lq, Lk = self._keep(terms), q.shape[2], k.shape[2]
+        if keep is None and isinstance(self.static, Causal):
+            out, lse = runtime.dense_fwd(q, k, v, bias, scale, self.static.offset, 0.0)
+        elif self.plan.strategy == "dense":
+            visible = blocks.dense_keep(self.expr, Lq, Lk, q.device)
+            visible = visible if keep is None else visible & keep
+            shift = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~visible, -math.inf)
+            out, lse = runtime.dense_fwd(q, k, v, shift if bias is None else bias + shift, scale, None, 0.0)
+        else:
+            bm, bn = default_blocks(max(q.shape[-1], v.shape[-1]), q.dtype, q.device)
+            table = blocks.block_table_op(q, keep, self.expr or "", Lq, Lk, bm, bn)
+            out, lse = torch.ops.attncomp.sparse_fwd(q, k, v, bias, keep, *table, scale, 0.0, self.expr or "", bm, bn)
+        # a row that sees no key: eager gives the mean of v (finite fill: all scores equal), NaN
+        # (softmax of -inf) or zeros (SDPA)
+        empty = torch.isneginf(lse)[..., None]
+        if any(m.fill > -math.inf for m in self.masks):
+            mean = v.mean(-2, keepdim=True).repeat_interleave(q.shape[1] // v.shape[1], 1)
+            out = torch.where(empty, mean.to(out.dtype), out)
+        elif self.plan.spec.empty_rows == "nan":
+            out = out.masked_fill(empty, math.nan)
+        return out
+
+    def _visible(self, Lq: int, Lk: int, terms, device, masks=None) -> Tensor:
+        """The proven masks as a bool tensor broadcastable to the scores (True = visible)."""
+        visible = None
+        for m in self.masks if masks is None else masks:
+            part = blocks.dense_keep(m.static.expr(), Lq, Lk, device)
+            if m.keep_term is not None:
+                part = part & m.keep_fn(terms[m.keep_term])
+            visible = part if visible is None else visible & part
+        return visible
 
     # ------------------------------------------------------------------ literal path
     def literal(self, q: Tensor, k: Tensor, v: Tensor, terms) -> Tensor:
         """The site's own eager computation, step by step (exact semantics, including dropout)."""
         if self.sdpa:
             mask = _ref(self.sdpa["attn_mask"], terms) if self.sdpa.get("attn_mask") is not None else None
+            if self.sdpa.get("mask_from_proof"):
+                mask = self._visible(q.shape[-2], k.shape[-2], terms, q.device)
+                if self.masks[0].fill > -math.inf:  # an additive mask: 0 where visible, fill elsewhere
+                    mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~mask, self.masks[0].fill)
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self._dropout(), is_causal=bool(self.sdpa.get("is_causal")),
                 scale=self.sdpa.get("scale"), enable_gqa=bool(self.sdpa.get("enable_gqa")))
@@ -219,6 +288,10 @@ class AttentionKernel(nn.Module):
                 s = s.reshape([int(_ref(a, terms)) for a in args[0]])
             elif op == "cast":
                 s = s.to(args[0])
+            elif op == "mask":  # a proven mask, rebuilt: hidden scores become the eager fill
+                m = self.masks[step[1]]
+                visible = self._visible(s.shape[-2], s.shape[-1], terms, s.device, (m,))
+                s = s.masked_fill(~visible, m.fill)
         p = F.softmax(s, -1, dtype=self.softmax_dtype)
         p = F.dropout(p, self._dropout(), training=self._dropout() > 0)
         return p.to(v.dtype) @ v

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from torch import fx
 
 from . import ops_table as T
-from .analyze import analyze, check_program
-from .executor import AttentionKernel
-from .ir import Plan
+from .analyze import analyze, check_program, mask_of, recognise_masks
+from .executor import AttentionKernel, KernelMask
+from .ir import Causal, Full, Plan, mask_and
 from .match import Miss, Site, find_sites
 from .strategies import for_site
 
@@ -36,8 +36,9 @@ class SiteRecord:
         return self.plan.strategy if self.plan and self.status == "replaced" else "eager"
 
 
-def _terms_of(site: Site) -> tuple[list, list]:
-    """Replace fx.Node arguments of the score program with ``("term", i)`` references."""
+def _terms_of(site: Site, uses=()) -> tuple[list, list, tuple]:
+    """Replace fx.Node arguments of the score program (and of proven masks' run-time parts) with
+    ``("term", i)`` references; returns (steps, terms, kernel masks)."""
     terms: list = []
 
     def ref(x):
@@ -52,7 +53,13 @@ def _terms_of(site: Site) -> tuple[list, list]:
     steps = [(s[0], *[ref(a) for a in s[1:]]) for s in site.steps]
     if site.sdpa.get("attn_mask") is not None:
         site.sdpa = {**site.sdpa, "attn_mask": ref(site.sdpa["attn_mask"])}
-    return steps, terms
+    masks = tuple(KernelMask(u.static, None if u.keep_src is None else ref(u.keep_src)[1], u.keep_fn, u.fill)
+                  for u in uses)
+    return steps, terms, masks
+
+
+def _causal_only(spec) -> bool:
+    return isinstance(spec.mask, Causal)
 
 
 def _erase_region(gm: fx.GraphModule, site: Site) -> None:
@@ -91,13 +98,24 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list) -> fx.GraphModul
         if why:
             records.append(SiteRecord(site.module_path, site.rule, "left", why, spec))
             continue
+        uses, note = [], ()
+        rec = recognise_masks(site, spec)
+        if isinstance(rec, str):
+            note = (f"mask kept as a tensor: {rec}",) if spec.mask != Full() and not _causal_only(spec) else ()
+        else:
+            site.steps, uses = rec
+            if site.sdpa.get("attn_mask") is not None:  # the kernel rebuilds it from the proof
+                site.sdpa = {**site.sdpa, "attn_mask": None, "mask_from_proof": True}
+            spec = analyze(site)
+            spec = spec.with_(mask=mask_and(spec.mask, mask_of(uses)))
         plan = plan_site(spec, requested)
-        steps, terms = _terms_of(site)
+        plan = plan.with_(reasons=plan.reasons + note)
+        steps, terms, masks = _terms_of(site, uses)
         m = site.anchor
         softmax_dtype = m.kwargs.get("dtype") if site.rule == "softmax_chain" else None
         kernel = AttentionKernel(plan, steps, (site.q.views, site.k.views, site.v.views), site.dropout,
                                  site.sdpa, site.kv_groups, site.module_path, softmax_dtype,
-                                 site.v.out_views)
+                                 site.v.out_views, masks=masks)
         name = f"attncomp_site_{i}"
         while hasattr(gm, name):
             name += "_"
@@ -110,6 +128,8 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list) -> fx.GraphModul
         records.append(SiteRecord(site.module_path, site.rule, "replaced", "; ".join(plan.reasons),
                                   spec, plan, kernel))
     _rewrite_mha(gm, parsed_strategy, records)
+    if any(r.kernel is not None and getattr(r.kernel, "masks", ()) for r in records):
+        gm.graph.eliminate_dead_code()  # mask subgraphs no site reads any more
     gm.graph.lint()
     gm.recompile()
     return gm

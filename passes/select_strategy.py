@@ -1,21 +1,56 @@
 """Pass: pick the strategy for a spec, given what the user asked for.
 
-Only exact strategies are chosen automatically. Each rule returns a strategy name or ``None``
-with the reason it does not apply; the reasons end up in ``explain``.
+Only exact strategies are chosen automatically. The reasons end up in ``explain``.
+
+* ``dense``: no mask, a causal mask (the dense kernel visits diagonal tiles only), or a mask that
+  is only known as a tensor (folded into an additive bias).
+* ``local``: a proven sliding window or neighborhood (plus whatever else is ANDed with it) — the
+  block-sparse kernel visits only the tiles near the diagonal.
+* ``sparse``: any other proven mask (block-diagonal, grid, prefix, key padding…) — the same
+  block-sparse kernel, driven by the block table of the mask.
 """
 
 from __future__ import annotations
 
-from attncomp.ir import AttentionSpec, Plan
+from attncomp import blocks
+from attncomp.ir import And, AttentionSpec, Causal, Full, Neighborhood, Or, Plan, Window, runtime_part, static_part
 from attncomp.strategies import Strategy
 
-AVAILABLE = ("dense",)  # strategies with kernels today; more land with their passes and templates
+AVAILABLE = ("dense", "local", "sparse")  # strategies with kernels today
+TILE = 64  # tile edge used to report the fraction of tiles a static mask skips
+
+
+def _leaves(mask) -> tuple:
+    return tuple(x for p in mask.parts for x in _leaves(p)) if isinstance(mask, (And, Or)) else (mask,)
+
+
+def skipped_fraction(spec: AttentionSpec) -> float | None:
+    """Fraction of 64×64 tiles the static part of the mask never visits (None: shape unknown)."""
+    static, d = static_part(spec.mask), spec.dims
+    if d.Lq is None or d.Lk is None or isinstance(static, Full):
+        return None
+    table = blocks.block_table(static.expr(), None, d.Lq, d.Lk, TILE, TILE, "cpu")
+    return table.skipped_fraction()
 
 
 def select_strategy(spec: AttentionSpec, requested: Strategy) -> Plan:
-    reasons = []
-    if requested.name in ("auto", "dense"):
-        return Plan(spec=spec, strategy="dense", reasons=(f"{requested.name}: dense kernel",))
-    if requested.name not in AVAILABLE:
-        reasons.append(f"strategy {requested.name!r} has no kernel yet; using dense (exact)")
-    return Plan(spec=spec, strategy="dense", reasons=tuple(reasons))
+    static, runtime = static_part(spec.mask), runtime_part(spec.mask)
+    tensor_only = [t for t in runtime if t.role == "general"]
+    if requested.name not in ("auto", *AVAILABLE):
+        return Plan(spec=spec, strategy="dense",
+                    reasons=(f"strategy {requested.name!r} has no kernel yet; using dense (exact)",))
+    if requested.name == "dense":
+        return Plan(spec=spec, strategy="dense", reasons=("dense: requested",))
+    if tensor_only or (isinstance(static, (Full, Causal)) and not runtime):
+        why = ("dense kernel" if not tensor_only else "dense kernel; the mask is a run-time tensor")
+        if isinstance(static, Causal):
+            why += ", causal (diagonal tiles alone are masked)"
+        if requested.name in ("local", "sparse") and not tensor_only:
+            why = f"{requested.name} requested, but a {static} mask has nothing to skip; " + why
+        return Plan(spec=spec, strategy="dense", reasons=(f"{requested.name}: {why}",))
+    kind = "local" if any(isinstance(x, (Window, Neighborhood)) for x in _leaves(static)) else "sparse"
+    frac = skipped_fraction(spec)
+    skip = f", {frac:.0%} of {TILE}x{TILE} tiles skipped" if frac is not None else ""
+    if runtime:
+        skip += " (before key padding)" if skip else ", tiles chosen from the key padding at run time"
+    return Plan(spec=spec, strategy=kind, reasons=(f"{requested.name}: {kind} block-sparse kernel, {spec.mask}{skip}",))

@@ -1,0 +1,122 @@
+"""Masks built inside real models are recognised from the graph and run on the block-sparse kernel."""
+
+import pytest
+import torch
+
+import attncomp
+from attncomp.executor import AttentionKernel
+from conftest import rel_err
+
+transformers = pytest.importorskip("transformers")
+
+
+def _kernels(fast) -> list[AttentionKernel]:
+    return [r.kernel for r in attncomp.explain(fast).replaced]
+
+
+def _mistral(impl: str, window: int = 8, layers: int = 2):
+    cfg = transformers.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                     sliding_window=window, attn_implementation=impl)
+    return transformers.MistralModel(cfg).eval()
+
+
+def _padding(kind: str, B: int, L: int):
+    if kind == "none":
+        return {}
+    am = torch.ones(B, L, dtype=torch.long)
+    if kind == "right":
+        am[1, L - 7:] = 0
+    else:  # left padding: with a causal mask, the first rows of batch 1 see no key at all
+        am[1, :5] = 0
+    return {"attention_mask": am}
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("pad", ["none", "right", "left"])
+def test_mistral_sliding_window_is_recognised(impl, pad):
+    model = _mistral(impl)
+    ids = torch.randint(0, 64, (2, 40))
+    kw = _padding(pad, 2, 40)
+    ref = model(ids, **kw).last_hidden_state
+    fast = attncomp.optimize(model, example_inputs=(ids,), example_kwargs=kw)
+    out = fast(ids, **kw).last_hidden_state
+    report = attncomp.explain(fast)
+    assert len(report.replaced) == 2
+    for r in report.replaced:
+        assert r.strategy == "local"
+        assert "window(7,0)" in str(r.spec.mask)
+        assert ("key_padding" in str(r.spec.mask)) == (pad != "none")
+    assert all(k.calls["fused"] >= 1 and k.calls["literal"] == 0 for k in _kernels(fast))
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_long_sliding_window_reports_skipped_tiles():
+    model = _mistral("sdpa", window=64, layers=1)
+    ids = torch.randint(0, 64, (1, 512))
+    ref = model(ids).last_hidden_state
+    fast = attncomp.optimize(model, example_inputs=(ids,))
+    (row,) = attncomp.explain(fast).replaced
+    assert "window(63,0)" in str(row.spec.mask) and "of 64x64 tiles skipped" in row.reason
+    frac = int(row.reason.split("% of 64x64")[0].rsplit(" ", 1)[-1])
+    assert frac >= 75  # 8 query tiles see at most 2 key tiles each: 1 - 15/64 of the tiles skipped
+    assert "local block-sparse kernel" in str(attncomp.explain(fast))
+    assert rel_err(fast(ids).last_hidden_state, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_mistral_training_gradients(impl):
+    model = _mistral(impl).train()
+    ids = torch.randint(0, 64, (2, 40))
+    kw = _padding("right", 2, 40)
+    fast = attncomp.optimize(model, example_inputs=(ids,), example_kwargs=kw)
+    w = torch.randn(2, 40, 32)
+    (model(ids, **kw).last_hidden_state * w).sum().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    (fast(ids, **kw).last_hidden_state * w).sum().backward()
+    for n, p in model.named_parameters():
+        assert rel_err(p.grad, ref[n]) <= 1e-5, n
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("pad", ["none", "right", "left"])
+def test_llama_causal_and_padding(impl, pad):
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                   attn_implementation=impl)
+    model = transformers.LlamaModel(cfg).eval()
+    ids = torch.randint(0, 64, (2, 24))
+    kw = _padding(pad, 2, 24)
+    ref = model(ids, **kw).last_hidden_state
+    fast = attncomp.optimize(model, example_inputs=(ids,), example_kwargs=kw)
+    out = fast(ids, **kw).last_hidden_state
+    for r in attncomp.explain(fast).replaced:
+        assert "causal" in str(r.spec.mask) and "tensor[" not in str(r.spec.mask)
+        assert r.strategy == ("dense" if pad == "none" else "sparse")
+    assert rel_err(out.nan_to_num(7.0), ref.nan_to_num(7.0)) <= 1e-5
+    assert torch.equal(out.isnan(), ref.isnan())
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_bert_key_padding(impl):
+    cfg = transformers.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  vocab_size=64, attn_implementation=impl, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 64, (2, 20))
+    kw = _padding("right", 2, 20)
+    ref = model(ids, **kw).last_hidden_state
+    fast = attncomp.optimize(model, example_inputs=(ids,), example_kwargs=kw)
+    rows = attncomp.explain(fast).replaced
+    assert len(rows) == 2 and all(str(r.spec.mask) == "key_padding" and r.strategy == "sparse" for r in rows)
+    assert rel_err(fast(ids, **kw).last_hidden_state, ref) <= 1e-5
+
+
+def test_dense_request_materialises_the_proven_mask():
+    model = _mistral("eager")
+    ids = torch.randint(0, 64, (2, 40))
+    kw = _padding("right", 2, 40)
+    fast = attncomp.optimize(model, strategy="dense", example_inputs=(ids,), example_kwargs=kw)
+    assert all(r.strategy == "dense" for r in attncomp.explain(fast).replaced)
+    assert rel_err(fast(ids, **kw).last_hidden_state, model(ids, **kw).last_hidden_state) <= 1e-5
