@@ -130,18 +130,50 @@ def cpu_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tens
     per_block = B * Hq * block_m * K * block_n
     step = max(1, _SCORE_BUDGET // max(per_block, 1))
     grad = torch.is_grad_enabled()
+    fused = not grad and not softcap and q.device.type == "cpu" and D == Dv
+    band = _band(idx, valid, block_m, block_n) if fused and keep4 is None and idx.shape[:2] == (1, 1) else None
+    if band is not None:  # every query block reads a window of keys at a fixed stride: views, no gather
+        c, W = band
+        kb, vb = (_band_view(x, c * block_n, nqb, block_m, W * block_n) for x in (kp, vp))
+        K = W
     outs, lses = [], []
     for q0 in range(0, nqb, step):
         nq = min(step, nqb - q0)
         ib = idx[:, :, q0:q0 + nq]
-        kg = _gather_blocks(kp, ib, block_n)  # (B, Hkv, nq, K*bn, D); ib's heads are 1 or Hkv (== Hq)
-        vg = _gather_blocks(vp, ib, block_n)
+        key = (mask_expr, Lq, Lk, block_m, block_n, q0, nq, K, str(q.device), band)
         parts = (mask_expr, ib, full[:, :, q0:q0 + nq], valid[:, :, q0:q0 + nq])
-        if keep4 is None and ib.shape[:2] == (1, 1):  # static table: the visibility is cached
-            key = (mask_expr, Lq, Lk, block_m, block_n, q0, nq, K, str(q.device))
-            vis = _VIS.get_or(key, functools.partial(_visibility, *parts, None, q0, nq, Lk, block_m, block_n))
+        if band is not None:
+            kg, vg = kb[:, :, q0:q0 + nq], vb[:, :, q0:q0 + nq]
+            vis = _VIS.get_or(key, functools.partial(_band_visibility, mask_expr, q0, nq, Lk, block_m,
+                                                     block_n, c, W))
         else:
-            vis = _visibility(*parts, keep4, q0, nq, Lk, block_m, block_n)
+            kg = _gather_blocks(kp, ib, block_n)  # (B, Hkv, nq, K*bn, D); ib's heads are 1 or Hkv (== Hq)
+            vg = _gather_blocks(vp, ib, block_n)
+            if keep4 is None and ib.shape[:2] == (1, 1):  # static table: the visibility is cached
+                vis = _VIS.get_or(key, functools.partial(_visibility, *parts, None, q0, nq, Lk, block_m, block_n))
+            else:
+                vis = _visibility(*parts, keep4, q0, nq, Lk, block_m, block_n)
+        if fused:  # torch's fused CPU flash kernel on the gathered blocks: batch = query blocks
+            grouped = _heads_to_group(vis, Hkv, G)
+            if keep4 is None and ib.shape[:2] == (1, 1):
+                mask, empty = _VIS.get_or((*key, "flash", acc, G),
+                                          functools.partial(_flash_mask, grouped, B, Hkv, G, acc))
+            else:
+                mask, empty = _flash_mask(grouped, B, Hkv, G, acc)
+            if bias4 is not None:
+                bt = _gather_tiles(bias4, ib, q0, nq, block_m, block_n)  # (B', H', nq, bm, K*bn)
+                mask = mask + _flash_layout(_heads_to_group(bt, Hkv, G), B, Hkv, G)
+            qf = qg[:, :, q0:q0 + nq].permute(2, 0, 1, 3, 4).reshape(nq, B * Hkv, G * block_m, D)
+            kf = kg.permute(2, 0, 1, 3, 4).reshape(nq, B * Hkv, K * block_n, D)
+            vf = vg.permute(2, 0, 1, 3, 4).reshape(nq, B * Hkv, K * block_n, Dv)
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qf, kf, vf, 0.0, False,
+                                                                              attn_mask=mask, scale=scale)
+            lse = lse.float().masked_fill(empty, float("-inf")).expand(nq, B * Hkv, G * block_m)
+            lse = lse.reshape(nq, B, Hkv, G, block_m).permute(1, 2, 0, 3, 4)
+            o = o.view(nq, B, Hkv, G, block_m, Dv).permute(1, 2, 0, 3, 4, 5)
+            outs.append(o)
+            lses.append(lse)
+            continue
         vis = _heads_to_group(vis, Hkv, G)  # (B'|1, Hkv|1, nq, G|1, bm, K*bn)
         s = (qg[:, :, q0:q0 + nq] * scale) @ kg.transpose(-1, -2)  # (B, Hkv, nq, G*bm, K*bn)
         s = s.view(B, Hkv, nq, G, block_m, K * block_n)
@@ -174,6 +206,44 @@ def cpu_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tens
     return out.to(q.dtype), lse.float()
 
 
+def _band(idx: Tensor, valid: Tensor, block_m: int, block_n: int) -> tuple[int, int] | None:
+    """``(c, W)`` when query block ``i`` visits only key blocks in ``[i·r - c, i·r - c + W)`` with
+    ``r = block_m / block_n`` (sliding windows, 1-D neighborhoods, causal bands) and the band is at most
+    1.5× the longest list; else None."""
+    if block_m % block_n:
+        return None
+    r = block_m // block_n
+    n = valid[0, 0].sum(-1)
+    rows = n > 0
+    if not bool(rows.any()):
+        return None
+    first = idx[0, 0, :, 0]
+    i = torch.arange(idx.shape[2]) * r
+    c = int((i - first)[rows].max())
+    W = int((first + n - 1 - (i - c))[rows].max()) + 1
+    return (c, W) if W <= max(1.5 * idx.shape[-1], 1) else None
+
+
+def _band_view(x: Tensor, front: int, nqb: int, block_m: int, width: int) -> Tensor:
+    """``(B, H, nqb, width, D)`` overlapping view of ``x`` ``(B, H, L, D)`` front-padded with ``front``
+    zero rows: block ``i`` starts at row ``i·block_m - front`` of ``x``."""
+    need = (nqb - 1) * block_m + width
+    xp = torch.nn.functional.pad(x, (0, 0, front, max(0, need - front - x.shape[2]))).contiguous()
+    B, H, P, D = xp.shape
+    return xp.as_strided((B, H, nqb, width, D), (H * P * D, P * D, block_m * D, D, 1))
+
+
+def _band_visibility(mask_expr, q0, nq, Lk, block_m, block_n, c, W) -> Tensor:
+    """Visibility ``(1, 1, nq, bm, W*bn)`` of a band's keys (in range, and the predicate)."""
+    qi = torch.arange(q0 * block_m, (q0 + nq) * block_m).view(nq, block_m, 1)
+    start = torch.arange(q0, q0 + nq) * block_m - c * block_n
+    kvi = start.view(nq, 1, 1) + torch.arange(W * block_n).view(1, 1, -1)
+    vis = (kvi >= 0) & (kvi < Lk)
+    if mask_expr:
+        vis = vis & eval_expr(mask_expr, qi, kvi)
+    return vis[None, None]
+
+
 def _visibility(mask_expr, ib, fb, vb, keep4, q0, nq, Lk, block_m, block_n) -> Tensor:
     """Which gathered scores are visible: bool ``(B', H', nq, bm, K*bn)``."""
     qi = torch.arange(q0 * block_m, (q0 + nq) * block_m, device=ib.device).view(nq, block_m, 1)
@@ -186,6 +256,23 @@ def _visibility(mask_expr, ib, fb, vb, keep4, q0, nq, Lk, block_m, block_n) -> T
     full = fb.repeat_interleave(block_n, -1)[:, :, :, None, :]
     valid = vb.repeat_interleave(block_n, -1)[:, :, :, None, :]
     return valid & (full | vis)
+
+
+def _flash_layout(t: Tensor, B: int, Hkv: int, G: int) -> Tensor:
+    """``(B'|1, Hkv|1, nq, G|1, bm, S)`` → ``(nq, 1 | B·Hkv, G·bm, S)``, the fused kernel's mask layout
+    (batch = query blocks, heads = batch × kv heads, rows = the group's queries)."""
+    lead = (1, 1) if t.shape[:2] == (1, 1) else (B, Hkv)
+    t = t.expand(*lead, t.shape[2], G, *t.shape[4:])
+    nq, bm, S = t.shape[2], t.shape[4], t.shape[5]
+    return t.permute(2, 0, 1, 3, 4, 5).reshape(nq, lead[0] * lead[1], G * bm, S)
+
+
+def _flash_mask(vis: Tensor, B: int, Hkv: int, G: int, dtype) -> tuple[Tensor, Tensor]:
+    """Additive mask (0 / -inf) for the fused kernel and the rows that see nothing (the kernel's lse
+    is not -inf for those), from grouped visibility ``(B'|1, Hkv|1, nq, G|1, bm, S)``."""
+    v = _flash_layout(vis, B, Hkv, G)
+    mask = torch.zeros((), dtype=dtype, device=vis.device).masked_fill(~v, float("-inf"))
+    return mask, ~v.any(-1)
 
 
 def _heads_to_group(t: Tensor, Hkv: int, G: int) -> Tensor:

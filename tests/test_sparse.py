@@ -236,6 +236,27 @@ def test_attention_fwd_bwd(mask, extras):
         assert rel_err(a, b) <= 1e-5
 
 
+@pytest.mark.parametrize("mask", MASKS, ids=str)
+@pytest.mark.parametrize("extras", ["plain", "pad-gqa-bias"])
+@pytest.mark.parametrize("Dv", [40, 24], ids=["fused-cpu-kernel", "softmax"])
+def test_attention_inference(mask, extras, Dv):
+    """Under no_grad the executor runs torch's fused CPU kernel on the gathered blocks (Dv == D) or
+    a softmax path; both against the float64 reference, empty rows included."""
+    B, Hq, Hkv, L, D = 2, 4, (2 if extras != "plain" else 4), 117, 40
+    q, k, v = torch.randn(B, Hq, L, D), torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, Dv)
+    keep = bias = None
+    if extras != "plain":
+        keep = torch.ones(B, 1, 1, L, dtype=torch.bool)
+        keep[1, ..., 90:] = False
+        keep[0, ..., :5] = False
+        bias = torch.randn(1, Hq, L, L)
+    with torch.no_grad():
+        out = ops.attention(q, k, v, mask, keep=keep, bias=bias, blocks_mn=(16, 32))
+    vis = blocks.dense_keep(None if mask is None else mask.expr(), L, L)
+    vis = vis if keep is None else vis & keep
+    assert rel_err(out, dense_ref(q, k, v, vis, bias)) <= 1e-5
+
+
 def test_attention_float64_and_empty_rows_give_zero():
     q, k, v = (torch.randn(1, 2, 40, 16, dtype=torch.float64) for _ in range(3))
     keep = torch.ones(1, 1, 1, 40, dtype=torch.bool)
