@@ -5,10 +5,11 @@ generated kernels; ``attncomp.explain(optimized)`` says what was found, replaced
 """
 
 from .api import OptimizedModel, Report, explain, optimize
+from .autotune import load_cache
 from .ir import AttentionSpec, Plan
 from .runtime import set_kernels
 from .strategies import Auto, Dense, Linear, Local, Sparse, Strategy, Tensor
 
 __all__ = ["optimize", "explain", "OptimizedModel", "Report", "AttentionSpec", "Plan", "Strategy", "Auto",
-           "Dense", "Local", "Sparse", "Linear", "Tensor", "set_kernels"]
+           "Dense", "Local", "Sparse", "Linear", "Tensor", "set_kernels", "load_cache"]
 __version__ = "0.1.0"

@@ -1,37 +1,121 @@
 """The Dynamo backend: ``torch.compile(model, backend="attncomp")``.
 
-Receives Dynamo's ``fx.GraphModule`` s of torch-level ops, rewrites their attention sites
-(:func:`attncomp.rewrite.rewrite`) and runs the graph as captured (``inner="eager"``).
+Registered under the ``torch_dynamo_backends`` entry point as ``"attncomp"``, so it works by name
+right after install. It receives Dynamo's ``fx.GraphModule`` s of torch-level ops, rewrites their
+attention sites with the same rules and passes as :func:`attncomp.optimize`
+(:func:`attncomp.rewrite.rewrite`), and hands the rewritten graph to an inner compiler:
+
+* ``"inductor"`` — default for ``torch.compile(..., backend="attncomp")``: everything but the
+  attention sites is compiled by Inductor; each site stays one call of the custom op
+  ``attncomp::dense_fwd`` (opaque to Inductor, with a fake impl and an autograd formula).
+* ``"eager"`` — the rewritten graph runs as captured. :func:`attncomp.optimize` uses this: no
+  Inductor compile time, and each site's call counters in ``explain`` count real calls.
+* any other registered Dynamo backend name, or a backend callable ``(gm, example_inputs)``.
+
+Options: ``torch.compile(m, backend="attncomp", options={"inner": "eager", "strategy": "dense"})``;
+other keys are passed to Inductor as config patches (``{"max_autotune": True}``).
+
+Dynamic shapes: the rewrite does not specialise on sizes, so after Dynamo's automatic-dynamic
+recompile a new sequence length reuses the graph; attncomp's Triton kernels are keyed on
+compile-time flags only, and their tuned configs on power-of-two shape buckets.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
 
 from torch import fx
 
 from .rewrite import SiteRecord, rewrite
 from .strategies import parse
 
+INNER = ("inductor", "eager")
+
+# Graphs rewritten by any AttncompBackend in this process (a Dynamo compile or recompile each).
+STATS: dict[str, int] = {"graphs": 0}
+
+
+def _inner_compiler(inner) -> Callable:
+    """The compiler the rewritten graph goes to: ``(gm, example_inputs) -> callable``."""
+    if callable(inner):
+        return inner
+    if inner == "eager":
+        return lambda gm, example_inputs: gm.forward
+    if not isinstance(inner, str):
+        raise ValueError(f"inner must be 'inductor', 'eager', a Dynamo backend name or a callable; got {inner!r}")
+    if inner == "attncomp":
+        raise ValueError("inner='attncomp' would rewrite the graph twice; use 'inductor' or 'eager'")
+    from torch._dynamo import list_backends, lookup_backend
+
+    try:
+        return lookup_backend(inner)
+    except Exception as e:  # torch raises InvalidBackend, a private class
+        raise ValueError(f"unknown inner compiler {inner!r}; expected 'inductor', 'eager' or one of "
+                         f"{list_backends()}") from e
+
+
+@contextlib.contextmanager
+def _no_size_guards(example_inputs):
+    """Analysis reads sizes (for ``Dims`` and the explain table) as their example values; under
+    dynamic shapes that must not add guards that specialise the graph to those sizes (it would
+    recompile for every new length). The rewrite never depends on a size's value: the kernels
+    take sizes at run time."""
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode(example_inputs)
+    env = getattr(mode, "shape_env", None)
+    with env.suppress_guards() if env is not None else contextlib.nullcontext():
+        yield
+
 
 class AttncompBackend:
-    """A Dynamo backend bound to a strategy; keeps every site decision for ``explain``."""
+    """A Dynamo backend bound to a strategy and an inner compiler; keeps every site decision for
+    ``explain`` (``records``) and counts the graphs it compiled (``graphs``)."""
 
-    def __init__(self, strategy="auto"):
+    def __init__(self, strategy="auto", inner="eager", inner_options: dict | None = None):
         self.strategy = parse(strategy)
+        self.inner = inner
+        self.inner_options = dict(inner_options or {})
+        if self.inner_options and inner != "inductor":
+            raise ValueError(f"options {sorted(self.inner_options)} are Inductor config patches, but inner={inner!r}")
+        self._compile = _inner_compiler(inner)
         self.graphs = 0
         self.records: dict[tuple, SiteRecord] = {}
 
     def rewrite(self, gm: fx.GraphModule) -> fx.GraphModule:
+        """Rewrite ``gm``'s attention sites in place (records kept for ``explain``)."""
         recs: list[SiteRecord] = []
         rewrite(gm, self.strategy, recs)
         self.graphs += 1
+        STATS["graphs"] += 1
         for i, r in enumerate(recs):
             self.records[(r.path, r.rule, i)] = r
         return gm
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
-        return self.rewrite(gm).forward
+        with _no_size_guards(example_inputs):
+            gm = self.rewrite(gm)
+        if self.inner == "inductor" and self.inner_options:
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, example_inputs, config_patches=self.inner_options)
+        return self._compile(gm, example_inputs)
 
 
-def attncomp_backend(gm: fx.GraphModule, example_inputs, **options):
-    """Entry point registered under ``torch_dynamo_backends`` as ``"attncomp"``."""
-    return AttncompBackend(options.get("strategy", "auto"))(gm, example_inputs)
+def attncomp_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
+    """Entry point registered under ``torch_dynamo_backends`` as ``"attncomp"``.
+
+    ``torch.compile(model, backend="attncomp", options={...})``: ``strategy`` (default ``"auto"``),
+    ``inner`` (default ``"inductor"``); remaining keys are Inductor config patches. ``mode``
+    (``"max-autotune"``...) is Inductor's (torch.compile accepts ``mode`` or ``options``, not both)."""
+    opts = dict(options or {})
+    strategy = opts.pop("strategy", "auto")
+    inner = opts.pop("inner", "inductor")
+    if mode and mode != "default":
+        if inner != "inductor":
+            raise ValueError(f"mode={mode!r} is an Inductor mode, but inner={inner!r}")
+        from torch._inductor import list_mode_options
+
+        opts = {**list_mode_options(mode), **opts}
+    return AttncompBackend(strategy, inner, opts)(gm, example_inputs)

@@ -22,9 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import codegen
+from . import autotune, codegen
 
-__all__ = ["default_config", "dense_bwd", "dense_fwd"]
+__all__ = ["default_config", "dense_bwd", "dense_fwd", "tuned_config"]
 
 _LOG2E = 1.4426950408889634
 
@@ -82,6 +82,39 @@ def default_config(D: int, dtype: torch.dtype, interpret: bool) -> dict[str, int
     if block_d <= 128:
         return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4 if not wide else 8, "num_stages": 2}
     return {"BLOCK_M": 32 if wide else 64, "BLOCK_N": 16 if wide else 32, "num_warps": 8, "num_stages": 1}
+
+
+def tuned_config(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, has_bias: bool,
+                 causal: bool, softcap: float, bench, dbias: bool = False) -> dict[str, int]:
+    """The config for ``kernel`` (``"dense_fwd"`` / ``"dense_bwd"``) on these inputs: from the autotune
+    cache, tuned now with ``bench(config)``, or :func:`default_config` (``ATTNCOMP_AUTOTUNE=0``).
+
+    Candidates and pruning live beside the templates (``attncomp.templates.dense_configs``)."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    interp = _interpreting()
+    default = default_config(max(D, Dv), q.dtype, interp)
+    if autotune.mode() == "0":
+        autotune.STATS["heuristic"] += 1
+        return default
+    from attncomp.templates import dense_configs
+
+    dtype = str(q.dtype).removeprefix("torch.")
+    mask = "+".join(n for n, on in (("bias", has_bias), ("dbias", dbias), ("causal", causal),
+                                    ("softcap", softcap > 0)) if on)
+    signature = {"strategy": "dense", "mask": mask or "none", "dtype": dtype, "D": D, "Dv": Dv,
+                 "gqa": Hq // max(Hkv, 1), "interpret": interp}
+
+    def cands() -> list[dict]:  # only evaluated on a cache miss
+        smem = None
+        if q.is_cuda and not interp:
+            idx = q.device.index if q.device.index is not None else torch.cuda.current_device()
+            smem = int(triton.runtime.driver.active.utils.get_device_properties(idx)["max_shared_mem"])
+        return dense_configs.candidates(head_dim=max(D, Dv), dtype=dtype, Lq=Lq, Lk=Lk, interpret=interp,
+                                        smem_limit=smem)
+
+    return autotune.choose(kernel, signature, autotune.bucket(Lq=Lq, Lk=Lk, BH=B * Hq), cands, bench, default,
+                           device=q.device, version=autotune.source_hash(f"{kernel}.py.j2", "_common.py.j2"))
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int, int]:
@@ -181,7 +214,8 @@ def dense_fwd(
     lse = _empty((B, Hq, Lq), torch.float32, q.device)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
-    cfg = config or default_config(max(D, Dv), q.dtype, _interpreting())
+    cfg = config or tuned_config("dense_fwd", q, k, v, bias is not None, causal_offset is not None, softcap,
+                                 lambda c: dense_fwd(q, k, v, bias, scale, causal_offset, softcap, config=c))
     meta = _meta(cfg, Lq, Lk, D, Dv, q.dtype)
     b4 = _bias_4d(bias, (B, Hq, Lq, Lk), q)
     bstr = b4.stride() if bias is not None else (0, 0, 0, 0)
@@ -226,7 +260,10 @@ def dense_bwd(
     ds = _empty((B, Hq, Lq, Lk), torch.float32, q.device) if bias_grad else q
     if B * Hq == 0 or (Lq == 0 and Lk == 0):
         return dq, dk, dv, (_reduce_dbias(ds, bias) if bias_grad else None)
-    cfg = config or default_config(max(D, Dv), q.dtype, _interpreting())
+    cfg = config or tuned_config(
+        "dense_bwd", q, k, v, bias is not None, causal_offset is not None, softcap,
+        lambda c: dense_bwd(dout, q, k, v, bias, out, lse, scale, causal_offset, softcap, bias_requires_grad, c),
+        dbias=bias_grad)
     meta = _meta(cfg, Lq, Lk, D, Dv, q.dtype)
     lse = lse.contiguous()
     delta = _empty((B, Hq, Lq), torch.float32, q.device)

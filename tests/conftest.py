@@ -7,6 +7,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# No autotuning unless a test asks for it (heuristic configs keep the suite fast); tuned entries
+# never go to the user's cache file.
+os.environ.setdefault("ATTNCOMP_AUTOTUNE", "0")
+os.environ.setdefault("ATTNCOMP_AUTOTUNE_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache",
+                                                              "attncomp-autotune.json"))
 os.environ.setdefault("ATTNCOMP_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache",
                                                          "attncomp-kernels"))
 
