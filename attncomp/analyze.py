@@ -136,9 +136,12 @@ def recognise_masks(site: Site, spec: AttentionSpec) -> tuple[list, list[MaskUse
     Lq, Lk = spec.dims.Lq, spec.dims.Lk
     if Lq is None or Lk is None:
         return "the scores' shape is unknown"
+    shapes = [T.shape(o.node) for o in (site.q, site.k)]
+    if any(s is None or not all(type(d) is int for d in s) for s in shapes):
+        return "the sequence length is symbolic (dynamic shapes): a mask is proved for one shape only"
     if any(s[0] == "view" for s in site.steps):
         return "the scores are viewed between the product and the softmax"
-    kept, uses = [], []
+    kept, uses, refused = [], [], []
     for step in site.steps:
         op = step[0]
         if op in ("masked_fill", "masked_fill_not"):
@@ -153,6 +156,7 @@ def recognise_masks(site: Site, spec: AttentionSpec) -> tuple[list, list[MaskUse
         elif op == "add" and isinstance(step[1], torch.fx.Node):
             fact = analyze_mask(step[1], Lq, Lk)
             if isinstance(fact, str) or fact.fill is None:
+                refused.append(fact if isinstance(fact, str) else "a bool tensor added to the scores")
                 kept.append(step)
             else:
                 kept.append(("mask", len(uses)))
@@ -160,7 +164,7 @@ def recognise_masks(site: Site, spec: AttentionSpec) -> tuple[list, list[MaskUse
         else:
             kept.append(step)
     if not uses:
-        return "no mask built in the graph"
+        return refused[0] if refused else "no mask step in the score program"
     return kept, uses
 
 

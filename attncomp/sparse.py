@@ -201,8 +201,10 @@ def cpu_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tens
             lse = torch.where(empty, m, m - torch.log(p.amax(-1)))
         outs.append(o)
         lses.append(lse)
-    out = torch.cat(outs, 2).permute(0, 1, 3, 2, 4, 5).reshape(B, Hq, nqb * block_m, Dv)[:, :, :Lq]
-    lse = torch.cat(lses, 2).permute(0, 1, 3, 2, 4).reshape(B, Hq, nqb * block_m)[:, :, :Lq]
+    out = (outs[0] if len(outs) == 1 else torch.cat(outs, 2)).permute(0, 1, 3, 2, 4, 5)
+    lse = (lses[0] if len(lses) == 1 else torch.cat(lses, 2)).permute(0, 1, 3, 2, 4)
+    out = out.reshape(B, Hq, nqb * block_m, Dv)[:, :, :Lq]
+    lse = lse.reshape(B, Hq, nqb * block_m)[:, :, :Lq]
     return out.to(q.dtype), lse.float()
 
 

@@ -73,6 +73,7 @@ class Result:
     ok: bool                       # rel_err <= TOL (always True for eager)
     attncomp: dict | None = None   # for the attncomp implementation: what explain says
     notes: list[str] = field(default_factory=list)
+    peak_mib: float | None = None  # growth of peak resident memory during one call (Linux), MiB
 
 
 def _errors(out: Tensor, ref: Tensor) -> tuple[float, float]:
@@ -117,8 +118,30 @@ def _time_in_turns(fns: dict[str, Callable[[], object]], warmup: int, repeats: i
     return times
 
 
+def _vm(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field_name))
+
+
+def peak_mib(fn: Callable[[], object]) -> float | None:
+    """Growth of the process's peak resident memory during one call of ``fn``, in MiB (Linux only):
+    free what the allocator holds, reset the high-water mark, call, read it back."""
+    try:
+        import ctypes
+
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _vm("VmRSS:")
+        fn()
+        return round((_vm("VmHWM:") - base) / 1024, 1)
+    except (OSError, StopIteration):
+        return None
+
+
 def run_point(case: str, params: dict, impls: dict[str, Callable[[], Tensor]], warmup: int, repeats: int,
-              fast: nn.Module | None = None, notes: list[str] | None = None) -> list[Result]:
+              fast: nn.Module | None = None, notes: list[str] | None = None, memory: bool = False) -> list[Result]:
     """Verify and time one shape point. ``impls`` must start with ``"eager"``, the reference.
 
     Each callable takes no arguments and returns the output tensor to compare. ``fast`` is the
@@ -136,6 +159,7 @@ def run_point(case: str, params: dict, impls: dict[str, Callable[[], Tensor]], w
                       f"> {TOL:g} against eager\n{'!' * 78}\n", flush=True)
         print(f"[{case}] {label}: timing ({warmup} warm-up, {repeats} repeats, in turns)", flush=True)
         times = _time_in_turns(impls, warmup, repeats)
+        peaks = {name: peak_mib(fn) for name, fn in impls.items()} if memory else {}
     info = _explain_info(fast) if fast is not None else None
     if info and (info["literal_calls"] or info["left"] or info["fallbacks"]):
         print(f"[{case}] {label}: note: attncomp did not fuse every site: {info}", flush=True)
@@ -144,7 +168,7 @@ def run_point(case: str, params: dict, impls: dict[str, Callable[[], Tensor]], w
         rel, mx = errs.get(name, (None, None))
         rows.append(Result(case, name, dict(params), statistics.median(ts), min(ts), max(ts), repeats, warmup,
                            [round(t, 4) for t in ts], rel, mx, rel is None or rel <= TOL,
-                           info if name == "attncomp" else None, list(notes or [])))
+                           info if name == "attncomp" else None, list(notes or []), peaks.get(name)))
     return rows
 
 
@@ -258,8 +282,110 @@ def _gpt2_point(eager: nn.Module, sdpa: nn.Module, L: int, n_layer: int, opts: O
     return run_point("gpt2_e2e", params, impls, warmup, repeats, fast, notes)
 
 
+# ---------------------------------------------------------------------------------- local masks
+class WindowSite(nn.Module):
+    """SDPA under a causal sliding-window bool mask built in ``forward`` (as transformers builds it)."""
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.window = window
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        idx = torch.arange(q.shape[-2], device=q.device)
+        keep = (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - self.window)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
+def _flex(mask_mod, L: int):
+    """Compiled FlexAttention with ``mask_mod``, or None (with the reason printed) if unavailable."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        block_mask = create_block_mask(mask_mod, None, None, L, L, device="cpu")
+        return torch.compile(flex_attention), block_mask
+    except Exception as e:  # noqa: BLE001 — a peer that cannot run is reported, not fatal
+        print(f"FlexAttention unavailable: {type(e).__name__}: {e}", flush=True)
+        return None
+
+
+def sliding_window(opts: Options) -> list[Result]:
+    """Causal sliding window of 256 keys, B=1 H=8 D=64: SDPA with the same bool mask (``eager``, the
+    reference) vs attncomp (``attncomp.ops.attention(mask=Window(255, 0))``; ``attncomp_model``:
+    ``optimize`` of :class:`WindowSite`, whose mask is recognised from the graph) vs compiled
+    FlexAttention with the same ``mask_mod`` (block mask built once, outside the timings)."""
+    from attncomp import ir, ops
+
+    W = 256
+    lengths = (4096,) if opts.quick else (2048, 4096, 8192)
+    warmup, repeats = _counts(opts, 2, 5 if opts.quick else 10)
+    rows = []
+    for L in lengths:
+        torch.manual_seed(opts.seed)
+        q, k, v = (torch.randn(1, 8, L, 64) for _ in range(3))
+        idx = torch.arange(L)
+        keep = (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - W)
+        site = WindowSite(W).eval()
+        torch._dynamo.reset()
+        with torch.no_grad():
+            fast = attncomp.optimize(site, example_inputs=(q, k, v))
+        impls = {
+            "eager": lambda q=q, k=k, v=v, keep=keep: F.scaled_dot_product_attention(q, k, v, attn_mask=keep),
+            "attncomp": lambda q=q, k=k, v=v: ops.attention(q, k, v, ir.Window(W - 1, 0)),
+            "attncomp_model": lambda q=q, k=k, v=v, fast=fast: fast(q, k, v),
+        }
+        t0 = time.perf_counter()
+        flex = _flex(lambda b, h, qi, ki: (ki <= qi) & (ki > qi - W), L)
+        notes = []
+        if flex is not None:
+            fn, bm = flex
+            with torch.no_grad():
+                fn(q, k, v, block_mask=bm)
+            notes.append(f"flex: block mask + compile {time.perf_counter() - t0:.1f} s, excluded")
+            impls["flex_compiled"] = lambda q=q, k=k, v=v, fn=fn, bm=bm: fn(q, k, v, block_mask=bm)
+        params = {"B": 1, "H": 8, "L": L, "D": 64, "window": W, "dtype": "float32"}
+        rows += run_point("sliding_window", params, impls, warmup, repeats, fast, notes, memory=True)
+    return rows
+
+
+def neighborhood_2d(opts: Options) -> list[Result]:
+    """2-D neighborhood attention, kernel 7x7 on a 64x64 grid (L=4096), B=1 H=8 D=64: SDPA with the
+    same dense bool mask (``eager``, the reference) vs ``attncomp.ops.neighborhood_attention`` (NATTEN
+    layout; the layout change is inside the timing) vs compiled FlexAttention with the same mask."""
+    from attncomp import blocks, ops
+
+    side, K = 64, 7
+    L = side * side
+    warmup, repeats = _counts(opts, 2, 5 if opts.quick else 10)
+    torch.manual_seed(opts.seed)
+    q, k, v = (torch.randn(1, 8, L, 64) for _ in range(3))
+    expr = ops.neighborhood_mask((side, side), K).expr()
+    keep = blocks.dense_keep(expr, L, L)
+    natten = [x.transpose(1, 2).reshape(1, side, side, 8, 64) for x in (q, k, v)]
+
+    def na() -> Tensor:
+        return ops.neighborhood_attention(*natten, K).reshape(1, L, 8, 64).transpose(1, 2)
+
+    impls = {"eager": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep), "attncomp": na}
+    t0 = time.perf_counter()
+    flex = _flex(lambda b, h, qi, ki: blocks.eval_expr(expr, qi, ki), L)
+    notes = []
+    if flex is not None:
+        fn, bm = flex
+        try:
+            with torch.no_grad():
+                fn(q, k, v, block_mask=bm)
+            notes.append(f"flex: block mask + compile {time.perf_counter() - t0:.1f} s, excluded")
+            impls["flex_compiled"] = lambda: fn(q, k, v, block_mask=bm)
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"flex failed: {type(e).__name__}: {str(e)[:200]}")
+    params = {"B": 1, "H": 8, "L": L, "D": 64, "grid": f"{side}x{side}", "kernel": K, "dtype": "float32"}
+    return run_point("neighborhood_2d", params, impls, warmup, repeats, None, notes, memory=True)
+
+
 CASES: dict[str, Callable[[Options], list[Result]]] = {
     "site_dense": site_dense,
+    "sliding_window": sliding_window,
+    "neighborhood_2d": neighborhood_2d,
     "gpt2_e2e": gpt2_e2e,
 }
 
@@ -302,17 +428,18 @@ def _git(*args: str) -> str:
 
 def print_table(rows: list[Result]) -> None:
     base = {(r.case, json.dumps(r.params, sort_keys=True)): r.median_ms for r in rows if r.impl == "eager"}
-    head = ("case", "L", "impl", "median ms", "min ms", "speedup vs eager", "rel err", "check")
+    head = ("case", "L", "impl", "median ms", "min ms", "speedup vs eager", "rel err", "peak MiB", "check")
     lines = []
     for r in rows:
         eager_ms = base.get((r.case, json.dumps(r.params, sort_keys=True)))
         speed = f"x{eager_ms / r.median_ms:.2f}" if eager_ms else "-"
         err = "-" if r.rel_err is None else f"{r.rel_err:.2e}"
         check = "baseline" if r.impl == "eager" else ("ok" if r.ok else "MISMATCH")
+        peak = "-" if r.peak_mib is None else f"{r.peak_mib:.0f}"
         lines.append((r.case, str(r.params.get("L", "-")), r.impl, f"{r.median_ms:.2f}", f"{r.min_ms:.2f}",
-                      speed, err, check))
+                      speed, err, peak, check))
     widths = [max(len(h), *(len(x[i]) for x in lines)) for i, h in enumerate(head)]
-    right = {1, 3, 4, 5, 6}
+    right = {1, 3, 4, 5, 6, 7}
 
     def fmt(cells) -> str:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
