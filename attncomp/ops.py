@@ -141,34 +141,39 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, kernel_size, dilatio
         raise ValueError(f"q, k, v must share the spatial shape; got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
     mask = neighborhood_mask(spatial, kernel_size, dilation, stride, is_causal)
-    q_tile, kv_tile = _tiles(spatial)
+    q_tile, kv_tile, blocks_mn = _layout(spatial, use_triton(q))
     if q_tile is not None:
         mask = dataclasses.replace(mask, q_tile=q_tile, kv_tile=kv_tile)
-    blocks_mn = None
-    if q_tile is not None:
-        blocks_mn = (math.prod(q_tile), math.prod(kv_tile))
-        if use_triton(q) and min(blocks_mn) < 16:  # tl.dot takes tiles of 16 or more
-            blocks_mn = None
 
     def heads_first(x: Tensor, tile) -> Tensor:
-        return _to_tiles(x, tile).transpose(1, 2)
+        return _to_tiles(x, tile).transpose(1, 2).contiguous()
 
     out = attention(heads_first(q, q_tile), heads_first(k, kv_tile), heads_first(v, kv_tile), mask, scale=scale,
                     blocks_mn=blocks_mn)
     return _from_tiles(out.transpose(1, 2), spatial, q_tile)
 
 
-def _tiles(spatial: tuple[int, ...]) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
-    """Tile-major token order for 2-D / 3-D grids: a block of queries is then a compact tile, whose
-    neighbours fall in few key tiles (8×8 query tiles and 4×4 key tiles in 2-D)."""
+def _layout(spatial: tuple[int, ...], triton: bool):
+    """Token order and tile sizes: ``(q_tile, kv_tile, (BLOCK_M, BLOCK_N))``; tiles None = row-major.
+
+    * CPU, 2-D grids up to 128 wide: row-major, query blocks of 2 rows and key blocks of one row.
+      Each query block then reads one band of rows at a fixed stride, which the CPU executor takes
+      as a strided view (no gather).
+    * otherwise 2-D / 3-D: tile-major order, so a query block is a compact tile whose neighbours fall
+      in few key tiles (8×8 query tiles with 4×4 key tiles in 2-D; 4×4×4 with 2×2×2 in 3-D).
+    * 1-D: row-major, default blocks.
+    """
     if len(spatial) == 1:
-        return None, None
+        return None, None, None
+    if len(spatial) == 2 and not triton and 16 <= spatial[1] <= 128:
+        return None, None, (min(2, spatial[0]) * spatial[1], spatial[1])
     want = 8 if len(spatial) == 2 else 4
     q_tile = tuple(next(t for t in (want, want // 2, 2, 1) if n % t == 0) for n in spatial)
-    if math.prod(q_tile) < 16:
-        return None, None
     kv_tile = tuple(max(1, t // 2) for t in q_tile)
-    return q_tile, kv_tile
+    bm, bn = math.prod(q_tile), math.prod(kv_tile)
+    if bm < 16 or (triton and bn < 16):  # tl.dot takes tiles of 16 or more
+        return None, None, None
+    return q_tile, kv_tile, (bm, bn)
 
 
 def _to_tiles(x: Tensor, tile) -> Tensor:

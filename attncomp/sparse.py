@@ -126,26 +126,28 @@ def cpu_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tens
                                                3, nkb * block_n, False)
     bias4 = None if bias is None else _pad_to(_pad_to(_full4(bias, B, Hq, Lq, Lk), 2, nqb * block_m),
                                                3, nkb * block_n).to(acc)
-    K = idx.shape[-1]
-    per_block = B * Hq * block_m * K * block_n
-    step = max(1, _SCORE_BUDGET // max(per_block, 1))
     grad = torch.is_grad_enabled()
     fused = not grad and not softcap and q.device.type == "cpu" and D == Dv
-    band = _band(idx, valid, block_m, block_n) if fused and keep4 is None and idx.shape[:2] == (1, 1) else None
-    if band is not None:  # every query block reads a window of keys at a fixed stride: views, no gather
-        c, W = band
-        kb, vb = (_band_view(x, c * block_n, nqb, block_m, W * block_n) for x in (kp, vp))
-        K = W
+    runs = None
+    if fused and keep4 is None and idx.shape[:2] == (1, 1):
+        runs = _band_runs(idx, valid, block_m, block_n)
+    if runs is not None:  # runs of query blocks that read keys at a fixed stride: views, no gather
+        front = max(c for _, _, c, _ in runs) * block_n
+        back = max((b - 1) * block_m - c * block_n + W * block_n for _, b, c, W in runs)
+        kb, vb = (_band_source(x, front, back) for x in (kp, vp))
+    chunks = []  # (first query block, count, band (c, W) or None, keys per query block)
+    for a, b, c, W in runs or [(0, nqb, None, idx.shape[-1])]:
+        step = max(1, _SCORE_BUDGET // max(B * Hq * block_m * W * block_n, 1))
+        chunks += [(q0, min(step, b - q0), None if c is None else (c, W), W) for q0 in range(a, b, step)]
     outs, lses = [], []
-    for q0 in range(0, nqb, step):
-        nq = min(step, nqb - q0)
+    for q0, nq, band, K in chunks:
         ib = idx[:, :, q0:q0 + nq]
         key = (mask_expr, Lq, Lk, block_m, block_n, q0, nq, K, str(q.device), band)
         parts = (mask_expr, ib, full[:, :, q0:q0 + nq], valid[:, :, q0:q0 + nq])
         if band is not None:
-            kg, vg = kb[:, :, q0:q0 + nq], vb[:, :, q0:q0 + nq]
+            kg, vg = (_band_view(x, front, q0, nq, block_m, band[0] * block_n, K * block_n) for x in (kb, vb))
             vis = _VIS.get_or(key, functools.partial(_band_visibility, mask_expr, q0, nq, Lk, block_m,
-                                                     block_n, c, W))
+                                                     block_n, *band))
         else:
             kg = _gather_blocks(kp, ib, block_n)  # (B, Hkv, nq, K*bn, D); ib's heads are 1 or Hkv (== Hq)
             vg = _gather_blocks(vp, ib, block_n)
@@ -208,31 +210,43 @@ def cpu_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tens
     return out.to(q.dtype), lse.float()
 
 
-def _band(idx: Tensor, valid: Tensor, block_m: int, block_n: int) -> tuple[int, int] | None:
-    """``(c, W)`` when query block ``i`` visits only key blocks in ``[i·r - c, i·r - c + W)`` with
-    ``r = block_m / block_n`` (sliding windows, 1-D neighborhoods, causal bands) and the band is at most
-    1.5× the longest list; else None."""
+def _band_runs(idx: Tensor, valid: Tensor, block_m: int, block_n: int) -> list | None:
+    """Runs ``(a, b, c, W)`` of query blocks ``a <= i < b`` that each visit only key blocks in
+    ``[i·r - c, i·r - c + W)``, ``r = block_m / block_n`` — windows, causal bands, neighborhoods in
+    row-major order (the blocks at the borders, whose windows are shifted, form short runs of their
+    own). None when that would compute over 1.5× the keys the table lists."""
     if block_m % block_n:
         return None
     r = block_m // block_n
-    n = valid[0, 0].sum(-1)
-    rows = n > 0
-    if not bool(rows.any()):
-        return None
-    first = idx[0, 0, :, 0]
+    ok = valid[0, 0]
+    n = ok.sum(-1)
+    first = torch.where(ok, idx[0, 0], 1 << 30).amin(-1)
+    last = torch.where(ok, idx[0, 0], -1).amax(-1)
     i = torch.arange(idx.shape[2]) * r
-    c = int((i - first)[rows].max())
-    W = int((first + n - 1 - (i - c))[rows].max()) + 1
-    return (c, W) if W <= max(1.5 * idx.shape[-1], 1) else None
+    shift = (i - first).tolist()
+    runs, a = [], 0
+    for j in range(1, len(shift) + 1):
+        if j == len(shift) or (n[j] > 0 and shift[j] != shift[a]):
+            rows = n[a:j] > 0
+            c = shift[a] if bool(rows.any()) else 0
+            W = int((last[a:j] - (i[a:j] - c))[rows].max()) + 1 if bool(rows.any()) else 1
+            runs.append((a, j, c, W))
+            a = j
+    band_keys = sum((b - a) * W for a, b, _, W in runs)
+    return runs if band_keys <= 1.5 * max(int(n.sum()), 1) else None
 
 
-def _band_view(x: Tensor, front: int, nqb: int, block_m: int, width: int) -> Tensor:
-    """``(B, H, nqb, width, D)`` overlapping view of ``x`` ``(B, H, L, D)`` front-padded with ``front``
-    zero rows: block ``i`` starts at row ``i·block_m - front`` of ``x``."""
-    need = (nqb - 1) * block_m + width
-    xp = torch.nn.functional.pad(x, (0, 0, front, max(0, need - front - x.shape[2]))).contiguous()
+def _band_source(x: Tensor, front: int, back: int) -> Tensor:
+    """``x`` ``(B, H, L, D)`` padded with ``front`` zero rows before and up to row ``back`` after."""
+    return torch.nn.functional.pad(x, (0, 0, front, max(0, back - x.shape[2]))).contiguous()
+
+
+def _band_view(xp: Tensor, front: int, q0: int, nq: int, block_m: int, shift: int, width: int) -> Tensor:
+    """``(B, H, nq, width, D)`` overlapping view of a :func:`_band_source`: query block ``q0 + t``
+    reads rows ``(q0 + t)·block_m - shift`` onwards of the unpadded tensor."""
     B, H, P, D = xp.shape
-    return xp.as_strided((B, H, nqb, width, D), (H * P * D, P * D, block_m * D, D, 1))
+    offset = xp.storage_offset() + (front + q0 * block_m - shift) * D
+    return xp.as_strided((B, H, nq, width, D), (H * P * D, P * D, block_m * D, D, 1), offset)
 
 
 def _band_visibility(mask_expr, q0, nq, Lk, block_m, block_n, c, W) -> Tensor:

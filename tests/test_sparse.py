@@ -238,8 +238,9 @@ def test_attention_fwd_bwd(mask, extras):
 
 @pytest.mark.parametrize("mask", MASKS, ids=str)
 @pytest.mark.parametrize("extras", ["plain", "pad-gqa-bias"])
-@pytest.mark.parametrize("Dv", [40, 24], ids=["fused-cpu-kernel", "softmax"])
-def test_attention_inference(mask, extras, Dv):
+@pytest.mark.parametrize("Dv,blocks_mn", [(40, (16, 32)), (40, (32, 16)), (24, (16, 32))],
+                         ids=["fused-gather", "fused-band", "softmax"])
+def test_attention_inference(mask, extras, Dv, blocks_mn):
     """Under no_grad the executor runs torch's fused CPU kernel on the gathered blocks (Dv == D) or
     a softmax path; both against the float64 reference, empty rows included."""
     B, Hq, Hkv, L, D = 2, 4, (2 if extras != "plain" else 4), 117, 40
@@ -251,10 +252,27 @@ def test_attention_inference(mask, extras, Dv):
         keep[0, ..., :5] = False
         bias = torch.randn(1, Hq, L, L)
     with torch.no_grad():
-        out = ops.attention(q, k, v, mask, keep=keep, bias=bias, blocks_mn=(16, 32))
+        out = ops.attention(q, k, v, mask, keep=keep, bias=bias, blocks_mn=blocks_mn)
     vis = blocks.dense_keep(None if mask is None else mask.expr(), L, L)
     vis = vis if keep is None else vis & keep
     assert rel_err(out, dense_ref(q, k, v, vis, bias)) <= 1e-5
+
+
+@pytest.mark.parametrize("mask,runs", [
+    # 16-query blocks see keys [q - 40, q]: block i reads key blocks max(0, i - 3) .. i
+    (ir.Window(40, 0), [(0, 1, 0, 1), (1, 2, 1, 2), (2, 3, 2, 3), (3, 4, 3, 4)]),
+    # one block per grid row; 3x3 neighbourhood: rows r-1..r+1, shifted inwards at the top and bottom
+    (ops.neighborhood_mask((8, 16), 3), [(0, 1, 0, 3), (1, 7, 1, 3), (7, 8, 2, 3)]),
+], ids=str)
+def test_band_runs(mask, runs):
+    """Query blocks that read keys at a fixed stride are grouped into runs (a, b, c, W): blocks
+    a <= i < b read key blocks [i - c, i - c + W), as strided views."""
+    from attncomp import sparse
+
+    L = 64 if isinstance(mask, ir.Window) else 128
+    table = blocks.block_table(mask.expr(), None, L, L, 16, 16, "cpu")
+    idx, _, valid = sparse._union(table.kv_num, table.kv_idx, table.full_num, table.full_idx)
+    assert sparse._band_runs(idx, valid, 16, 16) == runs
 
 
 def test_attention_float64_and_empty_rows_give_zero():
@@ -311,13 +329,18 @@ def _na_ref(q, k, v, visible):
 
 
 @pytest.mark.parametrize("spatial,kernel,dilation,stride,causal", NA_CASES + [((16, 24), (5, 3), (2, 1), (1, 2),
-                                                                               (False, True))],
+                                                                               (False, True)),
+                                                                              ((20, 16), 5, 1, 1, False)],
                          ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else str(x))
 def test_neighborhood_attention(spatial, kernel, dilation, stride, causal):
     q, k, v = (torch.randn(2, *spatial, 2, 16, requires_grad=True) for _ in range(3))
     out = ops.neighborhood_attention(q, k, v, kernel, dilation, stride, causal)
-    ref = _na_ref(q, k, v, natten_visible(spatial, kernel, dilation, stride, causal))
+    n = len(spatial)
+    ref = _na_ref(q, k, v, natten_visible(spatial, *(ops._per_axis(x, n, "") for x in (kernel, dilation, stride,
+                                                                                        causal))))
     assert out.shape == q.shape and rel_err(out, ref) <= 1e-5
+    with torch.no_grad():  # the inference path (fused CPU kernel; a band of rows for 2-D grids)
+        assert rel_err(ops.neighborhood_attention(q, k, v, kernel, dilation, stride, causal), ref) <= 1e-5
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g.double())):
         assert rel_err(a, b) <= 1e-5
