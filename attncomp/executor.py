@@ -219,7 +219,7 @@ class AttentionKernel(nn.Module):
         """Attention under the proven masks: the dense causal kernel when that is all there is, the
         block-sparse kernel otherwise (visiting only the tiles the mask leaves), or — when the plan
         says dense — the dense kernel on the materialised mask."""
-        from .ops import default_blocks
+        from .ops import choose_blocks
 
         keep, Lq, Lk = self._keep(terms), q.shape[2], k.shape[2]
         if keep is None and isinstance(self.static, Causal):
@@ -230,7 +230,7 @@ class AttentionKernel(nn.Module):
             shift = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~visible, -math.inf)
             out, lse = runtime.dense_fwd(q, k, v, shift if bias is None else bias + shift, scale, None, 0.0)
         else:
-            bm, bn = default_blocks(max(q.shape[-1], v.shape[-1]), q.dtype, q.device)
+            bm, bn = choose_blocks(q, k, v, self.expr, keep, bias, scale, 0.0)
             table = blocks.block_table_op(q, keep, self.expr or "", Lq, Lk, bm, bn)
             out, lse = torch.ops.attncomp.sparse_fwd(q, k, v, bias, keep, *table, scale, 0.0, self.expr or "", bm, bn)
         # a row that sees no key: eager gives the mean of v (finite fill: all scores equal), NaN

@@ -8,8 +8,10 @@ generated Triton kernels, on CPU the block-gathering torch executor).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -19,7 +21,7 @@ from . import sparse as _sparse  # noqa: F401  (registers the custom ops)
 from .runtime import use_triton
 
 __all__ = ["attention", "neighborhood_attention", "block_attention", "grid_attention", "halo_attention",
-           "default_blocks"]
+           "default_blocks", "choose_blocks"]
 
 
 def default_blocks(D: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
@@ -29,6 +31,42 @@ def default_blocks(D: int, dtype: torch.dtype, device: torch.device) -> tuple[in
     if use_triton(torch.empty(0, dtype=dtype, device=device)):  # Triton's interpreter: few, small tiles
         return 32, 16
     return 64, 64
+
+
+def choose_blocks(q: Tensor, k: Tensor, v: Tensor, expr: str | None, keep: Tensor | None, bias: Tensor | None,
+                  scale: float, softcap: float) -> tuple[int, int]:
+    """Tile sizes of the block table for this call: from the autotune cache, tuned now (each candidate
+    of ``attncomp.templates.sparse_configs`` timed on these inputs, wall clock on CPU, ``do_bench`` on
+    CUDA), or :func:`default_blocks` (``ATTNCOMP_AUTOTUNE=0``, or while ``torch.compile`` traces)."""
+    from . import autotune
+
+    D, Dv = q.shape[-1], v.shape[-1]
+    default = default_blocks(max(D, Dv), q.dtype, q.device)
+    if autotune.mode() == "0" or torch.compiler.is_compiling():
+        autotune.STATS["heuristic"] += 1
+        return default
+    from .templates import sparse_configs
+
+    B, Hq, Lq, _ = q.shape
+    Lk, triton = k.shape[2], use_triton(q)
+    interpret = triton and q.device.type != "cuda"
+
+    def bench(cfg):
+        bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        table = blocks.block_table_op(q, keep, expr or "", Lq, Lk, bm, bn)
+        with torch.no_grad():
+            torch.ops.attncomp.sparse_fwd(q, k, v, bias, keep, *table, scale, softcap, expr or "", bm, bn)
+
+    signature = {"strategy": "sparse", "mask": hashlib.sha1((expr or "").encode()).hexdigest()[:16],
+                 "keep": keep is not None, "bias": bias is not None, "softcap": softcap > 0,
+                 "dtype": str(q.dtype).removeprefix("torch."), "D": D, "Dv": Dv, "gqa": Hq // k.shape[1],
+                 "executor": "triton" if triton else "torch"}
+    cfg = autotune.choose("sparse_fwd", signature, autotune.bucket(Lq=Lq, Lk=Lk, BH=B * Hq),
+                          lambda: sparse_configs.candidates(q.device.type, triton, interpret, Lq, Lk), bench,
+                          {"BLOCK_M": default[0], "BLOCK_N": default[1]}, device=q.device,
+                          version=autotune.source_hash("sparse_fwd.py.j2", "sparse_configs.py",
+                                                       str(Path(__file__).with_name("sparse.py"))))
+    return int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
 
 
 def _check_mask(mask) -> str | None:
@@ -83,9 +121,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, keep: Tensor | None
             except RuntimeError:
                 raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to "
                                  f"(B, Hq, Lq, Lk) = {(B, Hq, Lq, Lk)}") from None
-    bm, bn = blocks_mn or default_blocks(max(D, v.shape[3]), q.dtype, q.device)
-    table = blocks.block_table_op(q, keep, expr or "", Lq, Lk, bm, bn)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    bm, bn = blocks_mn or choose_blocks(q, k, v, expr, keep, bias, scale, float(softcap))
+    table = blocks.block_table_op(q, keep, expr or "", Lq, Lk, bm, bn)
     out, _ = torch.ops.attncomp.sparse_fwd(q, k, v, bias, keep, *table, scale, float(softcap), expr or "", bm, bn)
     return out
 

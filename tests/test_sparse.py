@@ -392,3 +392,26 @@ def test_bad_input_is_named(call, match):
     q = torch.randn(1, 8, 8, 2, 4)
     with pytest.raises((ValueError, TypeError), match=match):
         call(q)
+
+
+def test_block_sizes_are_autotuned_once(monkeypatch, tmp_path):
+    """With autotuning on, the first call times every tile-size candidate on the CPU executor and
+    caches the winner; a second call with the same mask and shape bucket reuses it."""
+    from attncomp import autotune
+
+    monkeypatch.setenv("ATTNCOMP_AUTOTUNE", "1")
+    monkeypatch.setenv("ATTNCOMP_AUTOTUNE_CACHE", str(tmp_path / "cache.json"))
+    autotune.reset()
+    q, k, v = (torch.randn(1, 2, 200, 32) for _ in range(3))
+    before = dict(autotune.STATS)
+    with torch.no_grad():
+        out = ops.attention(q, k, v, ir.Window(30, 0))
+        tuned = autotune.STATS["tuned"] - before["tuned"]
+        timed = autotune.STATS["candidates"] - before["candidates"]
+        again = ops.attention(q, k, v, ir.Window(30, 0))
+    assert tuned == 1 and timed >= 3
+    assert autotune.STATS["tuned"] - before["tuned"] == 1 and autotune.STATS["hit"] > before["hit"]
+    (entry,) = [e for e in autotune.entries("cpu") if e["kernel"] == "sparse_fwd"]
+    assert {"BLOCK_M", "BLOCK_N"} <= set(entry["config"])
+    ref = dense_ref(q, k, v, blocks.dense_keep(ir.Window(30, 0).expr(), 200, 200))
+    assert rel_err(out, ref) <= 1e-5 and torch.equal(out, again)
