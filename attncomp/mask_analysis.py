@@ -334,6 +334,41 @@ def _simplify(mask: ir.Mask, truth: torch.Tensor, Lq: int, Lk: int, notes: list)
     return mask
 
 
+def neighborhood_from_grid(truth: torch.Tensor) -> ir.Neighborhood | None:
+    """A 1-D / 2-D neighborhood (dilation and stride 1, causal or not on every axis) equal to the
+    ``(L, L)`` visibility ``truth``, or None. The corner query (first, or last for causal) sees
+    ``kx`` runs of ``ky`` consecutive keys, one grid row apart: that fixes the grid width and the
+    kernel; the candidate is then checked against ``truth`` on the whole grid."""
+    L = truth.shape[0]
+    for causal, row in ((False, 0), (True, L - 1)):
+        seen = truth[row].nonzero().flatten().tolist()
+        if not seen:
+            continue
+        runs = [[seen[0]]]
+        for j in seen[1:]:
+            if j == runs[-1][-1] + 1:
+                runs[-1].append(j)
+            else:
+                runs.append([j])
+        ky, kx = len(runs[0]), len(runs)
+        if any(len(r) != ky for r in runs):
+            continue
+        if kx == 1:
+            shape, kernel = (L,), (ky,)
+        else:
+            Y = runs[1][0] - runs[0][0]
+            if Y <= 0 or L % Y or any(b[0] - a[0] != Y for a, b in zip(runs, runs[1:])):
+                continue
+            shape, kernel = (L // Y, Y), (kx, ky)
+        if any(k > n for k, n in zip(kernel, shape)):
+            continue
+        n = len(shape)
+        cand = ir.Neighborhood(shape, kernel, (1,) * n, (1,) * n, (causal,) * n)
+        if torch.equal(dense_keep(cand.expr(), L, L), truth):
+            return cand
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # run-time part
 # ---------------------------------------------------------------------------------------------
@@ -434,6 +469,12 @@ def analyze_mask(node: fx.Node, Lq: int, Lk: int, negate: bool = False) -> MaskF
             notes.append(f"classification {static} disagreed with the predicate; kept as a predicate")
             static = ir.Predicate(to_src(P))
         static = _simplify(static, truth, Lq, Lk, notes)
+        leaves = static.parts if isinstance(static, (ir.And, ir.Or)) else (static,)
+        if Lq == Lk and any(isinstance(x, ir.Predicate) for x in leaves):
+            na = neighborhood_from_grid(truth)
+            if na is not None:
+                notes.append(f"{static} is {na} on the grid")
+                static = na
         if not torch.equal(dense_keep(static.expr(), Lq, Lk), truth):
             return f"internal: {static} does not match the predicate on the grid"
         leaves = static.parts if isinstance(static, (ir.And, ir.Or)) else (static,)

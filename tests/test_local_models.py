@@ -120,3 +120,24 @@ def test_dense_request_materialises_the_proven_mask():
     fast = attncomp.optimize(model, strategy="dense", example_inputs=(ids,), example_kwargs=kw)
     assert all(r.strategy == "dense" for r in attncomp.explain(fast).replaced)
     assert rel_err(fast(ids, **kw).last_hidden_state, model(ids, **kw).last_hidden_state) <= 1e-5
+
+
+class NeighborhoodSite(torch.nn.Module):
+    """2-D neighborhood attention written by hand: a 7x7 window on a 16x16 grid, clamped inside the
+    grid (NATTEN's border rule), as a bool mask built from arange in ``forward``."""
+
+    def forward(self, q, k, v):
+        L, W, r = q.shape[-2], 16, 3
+        i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+        ci, cj = (i // W).clamp(r, L // W - 1 - r), (i % W).clamp(r, W - 1 - r)
+        mask = ((j // W - ci).abs() <= r) & ((j % W - cj).abs() <= r)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_handwritten_neighborhood_is_recognised():
+    q, k, v = (torch.randn(2, 2, 256, 16) for _ in range(3))
+    site = NeighborhoodSite()
+    fast = attncomp.optimize(site, example_inputs=(q, k, v))
+    (row,) = attncomp.explain(fast).replaced
+    assert str(row.spec.mask) == "neighborhood(16x16,k=7x7)" and row.strategy == "local"
+    assert rel_err(fast(q, k, v), site(q, k, v)) <= 1e-5

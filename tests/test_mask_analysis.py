@@ -229,6 +229,15 @@ def _flat2d(lq, lk, q):
     return ((i // 4 - j // 4).abs() <= 1) & ((i % 4 - j % 4).abs() <= 1)
 
 
+def _natten2d(lq, lk, q):
+    """NATTEN's 3x3 neighbourhood on a (lq // 4) x 4 image: windows centred on the query, clamped
+    inside the image (shifted at the borders, not truncated)."""
+    i, j = _idx(lq, lk)
+    rows = lq // 4
+    ci, cj = (i // 4).clamp(1, rows - 2), (i % 4).clamp(1, 2)
+    return ((j // 4 - ci).abs() <= 1) & ((j % 4 - cj).abs() <= 1)
+
+
 def _window_where(lq, lk, q):
     i, j = _idx(lq, lk)
     return torch.where((i - j < 5) & (j <= i), 0.0, MIN)
@@ -253,6 +262,7 @@ SYNTHETIC = {  # id: (attention fn, expected str(static), Lq, Lk)
     "synthetic-reshape": (_sdpa(lambda lq, lk, q: (_idx(lq)[0] >= _idx(lq)[1]).reshape(lq * lk).view(1, 1, lq, lk)),
                           "causal", L, L),
     "synthetic-2d-local": (_sdpa(_flat2d), "predicate & predicate", L, L),
+    "synthetic-natten-2d": (_sdpa(_natten2d), "neighborhood(5x4,k=3x3)", 20, 20),
 }
 
 
