@@ -18,6 +18,7 @@ from torch import Tensor
 
 from . import blocks, ir
 from . import sparse as _sparse  # noqa: F401  (registers the custom ops)
+from .linear import linear_attention  # noqa: F401  (re-exported: the linear strategy's op)
 from .runtime import use_triton
 
 __all__ = ["attention", "neighborhood_attention", "block_attention", "grid_attention", "halo_attention",

@@ -1,0 +1,55 @@
+"""Host-side launcher for the linear-attention Triton kernel (``templates/linear_fwd.py.j2``).
+
+One program per (batch, head) walks the chunks in order with the state in registers (f32); the
+semantics are those of :mod:`attncomp.linear` (``EPS`` added to the normaliser). The backward runs
+the same kernel three times (identity features, no normalisation; see :mod:`attncomp.linear`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import codegen
+from .linear import EPS
+from .triton_dense import _block_d, _check_interpreter, _empty
+
+__all__ = ["block_chunk", "linear_fwd"]
+
+
+def block_chunk(chunk: int, L: int) -> int:
+    """The kernel's chunk: ``chunk`` rounded up to a power of two in [16, 128] (tl.dot takes tiles
+    of 16 or more), no larger than L rounded up to 16."""
+    c = triton.next_power_of_2(max(int(chunk), 1))
+    return max(16, min(c, 128, triton.next_power_of_2(max(L, 1))))
+
+
+def linear_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor | None, feature_map: str,
+               causal: bool, normalize: bool, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear attention forward on the Triton kernel.
+
+    q, k ``(B, H, L, D)``; v ``(B, H, L, E)``, any strides, f32 / f16 / bf16; decay ``(H,)`` in (0, 1]
+    or None (causal only); feature_map ``"elu1" | "relu" | "identity"``. Returns out ``(B, H, L, E)``
+    float32 and den ``(B, H, L)`` float32 (``(0,)`` when not normalize)."""
+    _check_interpreter()
+    B, H, L, D = q.shape
+    E = v.shape[-1]
+    out = _empty((B, H, L, E), torch.float32, q.device)
+    den = _empty((B, H, L) if normalize else (0,), torch.float32, q.device)
+    if out.numel() == 0:
+        return out, den
+    if decay is not None and not causal:
+        raise ValueError("decay needs causal=True")
+    log2_decay = (torch.log2(decay.float()).contiguous() if decay is not None
+                  else torch.zeros(1, dtype=torch.float32, device=q.device))
+    dstr = den.stride() if normalize else (0, 0, 0)
+    mod = codegen.load_kernel_module("linear_fwd", CAUSAL=bool(causal), HAS_DECAY=decay is not None,
+                                     NORMALIZE=bool(normalize), FEATURE=feature_map, UPCAST_DOT=False)
+    mod.linear_fwd[(B * H,)](
+        q, k, v, log2_decay, out, den if normalize else out,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dstr,
+        H, L, D, E, float(EPS),
+        BLOCK_C=block_chunk(chunk, L), BLOCK_D=_block_d(D), BLOCK_E=_block_d(E),
+        num_warps=4, num_stages=1,
+    )
+    return out, den
