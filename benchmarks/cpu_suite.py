@@ -382,10 +382,36 @@ def neighborhood_2d(opts: Options) -> list[Result]:
     return run_point("neighborhood_2d", params, impls, warmup, repeats, None, notes, memory=True)
 
 
+def routed_sparse(opts: Options) -> list[Result]:
+    """BiFormer-style content routing, L=4096 B=1 H=8 D=64, regions of 64 tokens, top-16 key regions
+    per query region (25% of the tiles): SDPA with the same selection expanded to a dense bool mask
+    (``eager``, the reference; mask built outside the timing) vs ``attncomp.ops.routed_attention``
+    (region descriptors, top-k and block table inside the timing; the table alone is timed in the notes)."""
+    from attncomp import ops, routing
+
+    L, region, topk = 4096, 64, 16
+    warmup, repeats = _counts(opts, 2, 5 if opts.quick else 10)
+    torch.manual_seed(opts.seed)
+    q, k, v = (torch.randn(1, 8, L, 64) for _ in range(3))
+    with torch.no_grad():
+        keep = routing.expand_selection(routing.selection(q, k, region, topk), region, L, L)
+    table_ms = _time_in_turns({"table": lambda: routing.routed_block_table(q, k, region, topk)},
+                              warmup, repeats)["table"]
+    notes = [f"table building (routing.routed_block_table) median {statistics.median(table_ms):.2f} ms, "
+             f"included in attncomp's time", f"visited tiles {keep.float().mean().item():.3f}"]
+    impls = {
+        "eager": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep),
+        "attncomp": lambda: ops.routed_attention(q, k, v, region=region, topk=topk),
+    }
+    params = {"B": 1, "H": 8, "L": L, "D": 64, "region": region, "topk": topk, "dtype": "float32"}
+    return run_point("routed_sparse", params, impls, warmup, repeats, None, notes, memory=True)
+
+
 CASES: dict[str, Callable[[Options], list[Result]]] = {
     "site_dense": site_dense,
     "sliding_window": sliding_window,
     "neighborhood_2d": neighborhood_2d,
+    "routed_sparse": routed_sparse,
     "gpt2_e2e": gpt2_e2e,
 }
 
