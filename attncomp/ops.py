@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import blocks, ir
+from . import blocks, ir, routing
 from . import sparse as _sparse  # noqa: F401  (registers the custom ops)
 from .linear import linear_attention  # noqa: F401  (re-exported: the linear strategy's op)
 from .runtime import use_triton
 
 __all__ = ["attention", "neighborhood_attention", "block_attention", "grid_attention", "halo_attention",
-           "default_blocks", "choose_blocks"]
+           "default_blocks", "choose_blocks", "routed_attention"]
 
 
 def default_blocks(D: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
@@ -126,6 +126,31 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, keep: Tensor | None
     bm, bn = blocks_mn or choose_blocks(q, k, v, expr, keep, bias, scale, float(softcap))
     table = blocks.block_table_op(q, keep, expr or "", Lq, Lk, bm, bn)
     out, _ = torch.ops.attncomp.sparse_fwd(q, k, v, bias, keep, *table, scale, float(softcap), expr or "", bm, bn)
+    return out
+
+
+def routed_attention(q: Tensor, k: Tensor, v: Tensor, region: int = 64, topk: int = 4,
+                     scale: float | None = None) -> Tensor:
+    """BiFormer-style content-routed attention (:mod:`attncomp.routing`): each region of ``region``
+    queries attends, exactly, to the ``topk`` key regions of highest mean-q · mean-k affinity.
+
+    Args:
+        q: ``(B, Hq, Lq, D)``; k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``; one float dtype,
+            ``Hq % Hkv == 0``. Differentiable in q, k, v (the selection itself is not).
+        region: tokens per region, the tile size of the block table (the Triton kernels need a
+            power of two >= 16); topk: key regions per query region (clipped to their number).
+        scale: default ``1/sqrt(D)``.
+
+    Returns:
+        ``(B, Hq, Lq, Dv)`` in q's dtype.
+    """
+    if v.dim() != 4 or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"incompatible shapes k{tuple(k.shape)} v{tuple(v.shape)}")
+    table = routing.routed_block_table(q, k, region, topk)
+    if use_triton(q) and (region < 16 or region & (region - 1)):
+        raise ValueError(f"the Triton kernels need region to be a power of two >= 16, got {region}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, _ = torch.ops.attncomp.sparse_fwd(q, k, v, None, None, *table.tensors, scale, 0.0, "", region, region)
     return out
 
 
