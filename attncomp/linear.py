@@ -208,8 +208,12 @@ def linear_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, decay: Tensor | No
     dfq = scan(g, va, fk, decay, causal, chunk)
     dfk = scan(va, g, fq, decay, causal, chunk, reverse=True)
     dva = scan(fk, fq, g, decay, causal, chunk, reverse=True)
-    dq = (dfq.to(acc) * feature_grad(qa, feature_map)).to(q.dtype)
-    dk = (dfk.to(acc) * feature_grad(ka, feature_map)).to(k.dtype)
+    if use_triton(q):
+        from . import triton_linear
+        dq, dk = (triton_linear.feature_grad(x, d, feature_map) for x, d in ((q, dfq), (k, dfk)))
+    else:
+        dq = (dfq.to(acc) * feature_grad(qa, feature_map)).to(q.dtype)
+        dk = (dfk.to(acc) * feature_grad(ka, feature_map)).to(k.dtype)
     dv = dva[..., :v.shape[-1]].to(v.dtype)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 

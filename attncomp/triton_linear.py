@@ -2,7 +2,8 @@
 
 One program per (batch, head) walks the chunks in order with the state in registers (f32); the
 semantics are those of :mod:`attncomp.linear` (``EPS`` added to the normaliser). The backward runs
-the same kernel three times (identity features, no normalisation; see :mod:`attncomp.linear`).
+the same kernel three times (identity features, no normalisation; see :mod:`attncomp.linear`), then
+:func:`feature_grad` (``templates/linear_bwd.py.j2``) for the chain rule through the feature map.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from . import codegen
 from .linear import EPS
 from .triton_dense import _block_d, _check_interpreter, _empty
 
-__all__ = ["block_chunk", "linear_fwd"]
+__all__ = ["block_chunk", "feature_grad", "linear_fwd"]
 
 
 def block_chunk(chunk: int, L: int) -> int:
@@ -53,3 +54,16 @@ def linear_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.T
         num_warps=4, num_stages=1,
     )
     return out, den
+
+
+def feature_grad(x: torch.Tensor, dphi: torch.Tensor, feature_map: str) -> torch.Tensor:
+    """``dφ · φ'(x)`` elementwise: x any shape and float dtype, dphi the same shape (f32). Returns a
+    contiguous tensor in x's dtype."""
+    _check_interpreter()
+    x, dphi = x.contiguous(), dphi.contiguous()
+    dx = _empty(tuple(x.shape), x.dtype, x.device)
+    n = x.numel()
+    if n:
+        mod = codegen.load_kernel_module("linear_bwd", FEATURE=feature_map, UPCAST_DOT=False)
+        mod.feature_grad[(triton.cdiv(n, 1024),)](x, dphi, dx, n, BLOCK=1024)
+    return dx
