@@ -18,11 +18,11 @@ from torch import Tensor
 
 from . import blocks, ir, routing
 from . import sparse as _sparse  # noqa: F401  (registers the custom ops)
-from .linear import linear_attention  # noqa: F401  (re-exported: the linear strategy's op)
+from .linear import linear_attention  # re-exported: the linear strategy's op
 from .runtime import use_triton
 
 __all__ = ["attention", "neighborhood_attention", "block_attention", "grid_attention", "halo_attention",
-           "default_blocks", "choose_blocks", "routed_attention"]
+           "default_blocks", "choose_blocks", "routed_attention", "linear_attention"]
 
 
 def default_blocks(D: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:

@@ -27,7 +27,7 @@ from functools import lru_cache
 import torch
 import triton
 
-from . import codegen
+from . import codegen, triton_dense
 from .blocks import BlockTable
 from .triton_dense import (
     _bias_4d,
@@ -93,20 +93,7 @@ def _meta(table: BlockTable, config: dict | None, Lq: int, Lk: int, D: int, Dv: 
                              "blocks are the kernels' tiles (build the table with the config's sizes)")
     if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
         raise ValueError(f"block sizes must be powers of two >= 16 (tl.dot), got {bm}x{bn}")
-    bd, bdv = _block_d(D), _block_d(Dv)
-    return {
-        "BLOCK_M": bm,
-        "BLOCK_N": bn,
-        "BLOCK_D": bd,
-        "BLOCK_DV": bdv,
-        "EVEN_M": Lq % bm == 0,
-        "EVEN_N": Lk % bn == 0,
-        "EVEN_D": bd == D and bdv == Dv,
-        # f32 inputs: no TF32 rounding in tl.dot; f16/bf16: the default.
-        "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
-        "num_warps": int(cfg.get("num_warps", 4)),
-        "num_stages": int(cfg.get("num_stages", 2)),
-    }
+    return triton_dense._meta({**cfg, "BLOCK_M": bm, "BLOCK_N": bn}, Lq, Lk, D, Dv, dtype)
 
 
 def _flags(dtype: torch.dtype, mask_expr: str | None, has_keep: bool, has_bias: bool,

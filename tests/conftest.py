@@ -22,6 +22,29 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def assert_fwd_bwd_match(out, lse, grads, ref_out, ref_lse, leaves, inputs, bias, b64, tol: float) -> None:
+    """Kernel outputs against a float64 reference: ``out`` / ``lse`` (same -inf rows), and the
+    gradients ``grads = (dq, dk, dv, dbias)`` against ``leaves``' (q, k, v) and ``b64``'s ``.grad``
+    (``dbias`` must be None when ``b64`` is None or needs no grad); shapes, dtypes and strides of
+    dq, dk, dv follow ``inputs`` (q, k, v). Relative errors above ``tol`` (or NaN) fail."""
+    dq, dk, dv, dbias = grads
+    errs = {"out": rel_err(out, ref_out.detach())}
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isneginf(lse), ~finite), "lse -inf pattern differs"
+    if finite.any():
+        errs["lse"] = rel_err(lse[finite], ref_lse[finite].detach())
+    for name, got, leaf, x in zip(("dq", "dk", "dv"), (dq, dk, dv), leaves, inputs):
+        assert got.shape == leaf.shape and got.dtype == x.dtype and got.stride() == x.stride(), name
+        errs[name] = rel_err(got, leaf.grad)
+    if b64 is not None and b64.requires_grad:
+        assert dbias.shape == bias.shape and dbias.dtype == bias.dtype
+        errs["dbias"] = rel_err(dbias, b64.grad)
+    else:
+        assert dbias is None
+    bad = {n: e for n, e in errs.items() if not e <= tol}  # NaN (unwritten poison) fails too
+    assert not bad, f"relative errors above {tol:g}: {bad} (all: {errs})"
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_reset():
     torch.manual_seed(0)

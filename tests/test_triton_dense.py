@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from attncomp import codegen, triton_dense
+from conftest import assert_fwd_bwd_match
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DT_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -58,9 +59,6 @@ def reference(q, k, v, bias, scale, causal_offset, softcap):
     out = torch.matmul(p, v)
     return out, torch.where(dead[..., 0], float("-inf"), lse)
 
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 # ----------------------------------------------------------------------------- cases
@@ -197,23 +195,8 @@ def test_dense_matches_reference(case: Case):
     ref_out, ref_lse = reference(*leaves, b64, scale, case.causal, case.softcap)
     ref_out.backward(dout.double())
 
-    tol = TOL[case.dtype]
-    errs = {"out": rel_err(out, ref_out.detach())}
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isneginf(lse), ~finite), "lse -inf pattern differs"
-    if finite.any():
-        errs["lse"] = rel_err(lse[finite], ref_lse[finite].detach())
-    for name, got, leaf in zip(("dq", "dk", "dv"), (dq, dk, dv), leaves):
-        assert got.shape == leaf.shape and got.dtype == case.dtype, name
-        errs[name] = rel_err(got, leaf.grad)
-    assert dq.stride() == q.stride() and dk.stride() == k.stride() and dv.stride() == v.stride()
-    if case.bias_grad:
-        assert dbias.shape == bias.shape and dbias.dtype == bias.dtype
-        errs["dbias"] = rel_err(dbias, b64.grad)
-    else:
-        assert dbias is None
-    bad = {n: e for n, e in errs.items() if not e <= tol}  # NaN (unwritten poison) fails too
-    assert not bad, f"relative errors above {tol:g}: {bad} (all: {errs})"
+    assert_fwd_bwd_match(out, lse, (dq, dk, dv, dbias), ref_out, ref_lse, leaves, (q, k, v), bias,
+                         b64 if case.bias_grad else None, TOL[case.dtype])
 
 
 def test_backward_is_deterministic():
