@@ -232,6 +232,16 @@ def dense_fwd(
     return out, lse
 
 
+def preprocess(mod, out: torch.Tensor, dout: torch.Tensor, delta: torch.Tensor, meta: dict) -> None:
+    """Launch the backward's first kernel: ``delta = rowsum(dout * out)`` (f32, ``(B, Hq, Lq)``)."""
+    B, Hq, Lq, Dv = out.shape
+    if Lq > 0:
+        mod.attn_bwd_preprocess[(triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)](
+            out, dout, delta, *out.stride(), *dout.stride(), Hq, Lq, Dv,
+            BLOCK_M=meta["BLOCK_M"], BLOCK_DV=meta["BLOCK_DV"], EVEN_M=meta["EVEN_M"], EVEN_D=meta["EVEN_D"],
+        )
+
+
 def dense_bwd(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -276,11 +286,7 @@ def dense_bwd(
     bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
     shape_args = (Hq, Hq // Hkv, Lq, Lk, D, Dv, qk_scale, cap_scale, float(scale), int(causal_offset or 0))
 
-    if Lq > 0:
-        mod.attn_bwd_preprocess[(triton.cdiv(Lq, bm), B * Hq)](
-            out, dout, delta, *out.stride(), *dout.stride(), Hq, Lq, Dv,
-            BLOCK_M=bm, BLOCK_DV=meta["BLOCK_DV"], EVEN_M=meta["EVEN_M"], EVEN_D=meta["EVEN_D"],
-        )
+    preprocess(mod, out, dout, delta, meta)
     if Lk > 0:
         mod.attn_bwd_dkdv[(triton.cdiv(Lk, bn), B * Hkv)](
             q, k, v, b4, dout, lse, delta, dk, dv,

@@ -235,11 +235,7 @@ def sparse_bwd(
     bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
     shape_args = (Hq, Hq // Hkv, Lq, Lk, D, Dv, qk_scale, cap_scale, float(scale))
 
-    if Lq > 0:
-        mod.attn_bwd_preprocess[(triton.cdiv(Lq, bm), B * Hq)](
-            out, dout, delta, *out.stride(), *dout.stride(), Hq, Lq, Dv,
-            BLOCK_M=bm, BLOCK_DV=meta["BLOCK_DV"], EVEN_M=meta["EVEN_M"], EVEN_D=meta["EVEN_D"],
-        )
+    triton_dense.preprocess(mod, out, dout, delta, meta)
     if Lk > 0:
         mod.attn_bwd_dkdv[(triton.cdiv(Lk, bn), B * Hkv)](
             q, k, v, b4, m4, dout, lse, delta, dk, dv, *tabs_t,
