@@ -106,8 +106,8 @@ def torch_scan(fq: Tensor, fk: Tensor, v: Tensor, log_decay: Tensor | None, caus
 
     fq, fk ``(B, H, L, D)``; v ``(B, H, L, E)``, one float dtype (f32 / f64: the accumulation dtype);
     log_decay ``(H,)`` natural log of λ, or None. Returns ``(B, H, L, E)``. No Python loop over L:
-    per-chunk state contributions, a decayed prefix over chunks as an (n × n) matrix product, and
-    the intra-chunk masked products batched over all chunks."""
+    per-chunk state contributions, a prefix over chunks (a cumsum, or with decay a loop over the
+    chunks), and the intra-chunk masked products batched over all chunks."""
     B, H, L, D = fq.shape
     E = v.shape[-1]
     if not causal:
@@ -128,11 +128,16 @@ def torch_scan(fq: Tensor, fk: Tensor, v: Tensor, log_decay: Tensor | None, caus
     # Each chunk's contribution to the state at its end: U_c = Σ_j λ^{C-1-j} fk_jᵀ v_j.
     w = torch.exp(g.view(H, 1) * (C - 1 - i))  # (H, C)
     U = (fk * w[None, :, None, :, None]).transpose(-1, -2) @ v  # (B, H, n, D, E)
-    # State before chunk c: S_c = Σ_{c'<c} λ^{C(c-1-c')} U_c' (decayed prefix over chunks).
-    c = torch.arange(n, device=fq.device, dtype=fq.dtype)
-    cd = c[:, None] - 1 - c[None, :]
-    T = torch.where(cd >= 0, torch.exp(g.view(H, 1, 1) * C * cd.clamp_min(0)), torch.zeros((), dtype=fq.dtype))
-    S = torch.einsum("hcm,bhmde->bhcde", T, U)
+    # State before chunk c: S_c = Σ_{c'<c} λ^{C(c-1-c')} U_c' (decayed prefix over chunks), linear in
+    # the number of chunks: an exclusive cumsum without decay, else S_c = λ^C·S_{c-1} + U_{c-1}.
+    if log_decay is None:
+        S = torch.cat([torch.zeros_like(U[:, :, :1]), U[:, :, :-1].cumsum(2)], 2)
+    else:
+        step = torch.exp(g * C).view(1, H, 1, 1)
+        states = [torch.zeros_like(U[:, :, 0])]
+        for c in range(1, n):
+            states.append(states[-1] * step + U[:, :, c - 1])
+        S = torch.stack(states, 2)
     # Inter-chunk: query i of a chunk sees the carried state decayed by λ^{i+1}.
     wq = torch.exp(g.view(H, 1) * (i + 1))
     out = out + (fq * wq[None, :, None, :, None]) @ S
