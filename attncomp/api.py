@@ -137,6 +137,9 @@ class Report:
                                                       if self.graphs == 0 else ")"))
         out.append(f"{len(self.replaced)} replaced, {len(self.left)} left; capture={self.capture}, "
                    f"graphs={self.graphs}, graph breaks={self.graph_breaks}")
+        if self.graphs > 1:
+            out.append("(Dynamo compiled several graphs — e.g. new shapes or grad modes — and each row shows "
+                       "the site in the most recent one)")
         return "\n".join(out)
 
 
