@@ -170,6 +170,12 @@ class AttentionKernel(nn.Module):
             except Unsupported as e:
                 self.fallback_reason = str(e)
                 warnings.warn(f"attncomp: site {self.path} runs its eager computation: {e}", stacklevel=2)
+            except Exception as e:  # a generated kernel that fails to compile or launch
+                if torch.compiler.is_compiling():
+                    raise
+                self.fallback_reason = f"the fused kernel failed ({type(e).__name__}: {str(e)[:300]})"
+                warnings.warn(f"attncomp: site {self.path} runs its eager computation from now on: "
+                              f"{self.fallback_reason}", stacklevel=2)
         self.calls["literal"] += 1
         return self.literal(q, k, v, terms)
 
@@ -256,6 +262,8 @@ class AttentionKernel(nn.Module):
     # ------------------------------------------------------------------ literal path
     def literal(self, q: Tensor, k: Tensor, v: Tensor, terms) -> Tensor:
         """The site's own eager computation, step by step (exact semantics, including dropout)."""
+        if self.kv_groups > 1:  # a folded repeat_kv: repeat k, v as the site did
+            k, v = runtime._repeat_kv(k, self.kv_groups), runtime._repeat_kv(v, self.kv_groups)
         if self.sdpa:
             mask = _ref(self.sdpa["attn_mask"], terms) if self.sdpa.get("attn_mask") is not None else None
             if self.sdpa.get("mask_from_proof"):
@@ -265,8 +273,6 @@ class AttentionKernel(nn.Module):
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self._dropout(), is_causal=bool(self.sdpa.get("is_causal")),
                 scale=self.sdpa.get("scale"), enable_gqa=bool(self.sdpa.get("enable_gqa")))
-        if self.kv_groups > 1:
-            k, v = runtime._repeat_kv(k, self.kv_groups), runtime._repeat_kv(v, self.kv_groups)
         s = q @ k.transpose(-1, -2)
         for step in self.steps:
             op, args = step[0], [_ref(a, terms) for a in step[1:]]

@@ -141,3 +141,41 @@ def test_handwritten_neighborhood_is_recognised():
     (row,) = attncomp.explain(fast).replaced
     assert str(row.spec.mask) == "neighborhood(16x16,k=7x7)" and row.strategy == "local"
     assert rel_err(fast(q, k, v), site(q, k, v)) <= 1e-5
+
+
+def test_a_failing_kernel_falls_back_and_warns_once(monkeypatch):
+    """A fused kernel that raises (e.g. fails to compile) leaves the site on its exact eager
+    computation: one warning, the reason in explain, outputs still equal eager."""
+    model = _mistral("sdpa")
+    ids = torch.randint(0, 64, (2, 40))
+    fast = attncomp.optimize(model, example_inputs=(ids,))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated compile failure")
+
+    monkeypatch.setattr(torch.ops.attncomp, "sparse_fwd", broken)
+    with pytest.warns(UserWarning, match="simulated compile failure") as caught:
+        out = fast(ids).last_hidden_state
+        out2 = fast(ids).last_hidden_state
+    assert sum("simulated compile failure" in str(w.message) for w in caught) == 2  # one per site, once each
+    ref = model(ids).last_hidden_state
+    assert rel_err(out, ref) <= 1e-6 and torch.equal(out, out2)
+    assert all("the fused kernel failed" in r.kernel.fallback_reason for r in attncomp.explain(fast).replaced)
+    assert "runs eager at call time" in str(attncomp.explain(fast))
+
+
+def test_gqa_sdpa_training_dropout_runs_the_literal_site():
+    """Training with attention dropout runs each site's own eager SDPA call (k, v repeated back for the
+    folded GQA), with the same random stream as the original model."""
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64, attn_implementation="sdpa",
+                                   attention_dropout=0.2)
+    model = transformers.LlamaModel(cfg).train()
+    ids = torch.randint(0, 64, (2, 24))
+    fast = attncomp.optimize(model, example_inputs=(ids,))
+    torch.manual_seed(1)
+    out = fast(ids).last_hidden_state
+    torch.manual_seed(1)
+    ref = model(ids).last_hidden_state
+    assert all(k.calls["literal"] >= 1 for k in _kernels(fast))
+    assert rel_err(out, ref) <= 1e-6
