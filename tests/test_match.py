@@ -267,3 +267,22 @@ def test_multihead_attention_fx_capture(batch_first):
     fast = attncomp.optimize(model, example_inputs=(x,), capture="fx")
     assert len(attncomp.explain(fast).replaced) == 1
     assert rel_err(fast(x), model(x)) <= 1e-5
+
+
+def test_mha_failing_kernel_falls_back_and_warns(monkeypatch):
+    """nn.MultiheadAttention site: a fused kernel that raises leaves torch's own computation, one warning."""
+    mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    model = WithMHA(mha, lambda mha, x: mha(x, x, x, need_weights=False)[0])
+    x = torch.randn(B, L, 32)
+    fast = attncomp.optimize(model, example_inputs=(x,))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated compile failure")
+
+    monkeypatch.setattr(attncomp.runtime, "dense_fwd", broken)
+    with pytest.warns(UserWarning, match="simulated compile failure") as caught:
+        out, out2 = fast(x), fast(x)
+    assert len([w for w in caught if "simulated" in str(w.message)]) == 1
+    assert rel_err(out, model(x)) <= 1e-6 and torch.equal(out, out2)
+    (row,) = attncomp.explain(fast).replaced
+    assert "the fused kernel failed" in row.kernel.fallback_reason and row.kernel.calls["literal"] == 2
