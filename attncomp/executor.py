@@ -132,6 +132,17 @@ def _to4d(x: Tensor) -> Tensor:
     return x
 
 
+def kernel_failed(site: nn.Module, error: Exception) -> None:
+    """A site's generated kernel failed to compile or launch: from now on the site (a module with
+    ``path`` and ``fallback_reason``) runs its exact eager computation; one warning says why.
+    While ``torch.compile`` traces, the error propagates instead."""
+    if torch.compiler.is_compiling():
+        raise error
+    site.fallback_reason = f"the fused kernel failed ({type(error).__name__}: {str(error)[:300]})"
+    warnings.warn(f"attncomp: site {site.path} runs its eager computation from now on: {site.fallback_reason}",
+                  stacklevel=3)
+
+
 class AttentionKernel(nn.Module):
     """Runs one attention site. Inputs: q ``(..., Lq, D)``, k ``(..., Lk, D)``, v ``(..., Lk, Dv)``
     (after the site's view ops) and the score program's terms; output ``(..., Lq, Dv)``."""
@@ -171,11 +182,7 @@ class AttentionKernel(nn.Module):
                 self.fallback_reason = str(e)
                 warnings.warn(f"attncomp: site {self.path} runs its eager computation: {e}", stacklevel=2)
             except Exception as e:  # a generated kernel that fails to compile or launch
-                if torch.compiler.is_compiling():
-                    raise
-                self.fallback_reason = f"the fused kernel failed ({type(e).__name__}: {str(e)[:300]})"
-                warnings.warn(f"attncomp: site {self.path} runs its eager computation from now on: "
-                              f"{self.fallback_reason}", stacklevel=2)
+                kernel_failed(self, e)
         self.calls["literal"] += 1
         return self.literal(q, k, v, terms)
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import inspect
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from . import runtime
+from .executor import kernel_failed
 from .ir import AttentionSpec, Causal, Dims, Plan, Score, TensorMask, mask_and
 
 _SIG = inspect.signature(F.multi_head_attention_forward)
@@ -87,11 +87,7 @@ class MHAKernel(nn.Module):
                 out, _ = runtime.dense_fwd(q, k, v, bias, 1.0 / math.sqrt(hd), 0 if causal else None, 0.0)
                 self.calls["fused"] += 1
             except Exception as e:  # a generated kernel that fails to compile or launch
-                if torch.compiler.is_compiling():
-                    raise
-                self.fallback_reason = f"the fused kernel failed ({type(e).__name__}: {str(e)[:300]})"
-                warnings.warn(f"attncomp: site {self.path} runs its eager computation from now on: "
-                              f"{self.fallback_reason}", stacklevel=2)
+                kernel_failed(self, e)
         if out is None:  # torch's own computation for this call (need_weights=False: SDPA)
             self.calls["literal"] += 1
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, is_causal=causal)
