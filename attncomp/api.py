@@ -10,7 +10,7 @@ from torch import nn
 from . import capture as C
 from .backend import AttncompBackend
 from .rewrite import SiteRecord, rewrite
-from .strategies import parse
+from .strategies import parse, with_tolerance
 
 
 class OptimizedModel(nn.Module):
@@ -70,7 +70,7 @@ class OptimizedModel(nn.Module):
 
 
 def optimize(model: nn.Module, strategy="auto", example_inputs=None, capture: str = "dynamo",
-             example_kwargs: dict | None = None) -> OptimizedModel:
+             example_kwargs: dict | None = None, tolerance: float | None = None) -> OptimizedModel:
     """Return a new module whose attention runs on attncomp kernels; ``model`` is not changed.
 
     Args:
@@ -82,6 +82,9 @@ def optimize(model: nn.Module, strategy="auto", example_inputs=None, capture: st
             planning happen here (the model runs once on them); otherwise on the first call.
         capture: ``"dynamo"`` (default), ``"fx"`` (``symbolic_trace``) or ``"export"``.
         example_kwargs: keyword inputs to pass with ``example_inputs`` (dynamo capture).
+        tolerance: for approximate strategies (``"linear"``): the largest relative error against
+            dense attention, measured per site on the first call (``example_inputs``), above which
+            the site runs dense instead; ``explain`` reports each measured error.
 
     Parameters and buffers are shared with ``model``, not copied.
     """
@@ -89,7 +92,7 @@ def optimize(model: nn.Module, strategy="auto", example_inputs=None, capture: st
         raise TypeError(f"optimize expects an nn.Module, got {type(model).__name__}")
     if capture not in C.CAPTURES:
         raise ValueError(f"capture must be one of {C.CAPTURES}, got {capture!r}")
-    parse(strategy)  # validate early, with the list of options
+    strategy = with_tolerance(parse(strategy), tolerance)  # validates early, with the list of options
     if capture == "export" and example_inputs is None:
         raise ValueError("capture='export' needs example_inputs")
     fast = OptimizedModel(model, strategy, capture)
@@ -125,6 +128,9 @@ class Report:
             reason = r.reason
             if r.kernel is not None and r.kernel.fallback_reason:
                 reason = f"runs eager at call time: {r.kernel.fallback_reason}"
+            note = getattr(r.kernel, "approx_note", lambda: None)()
+            if note:
+                reason = f"{reason}; {note}"
             lines.append((r.path, r.rule, str(spec.dims) if spec else "-", str(spec.mask) if spec else "-",
                           r.strategy, r.status, reason))
         widths = [max([len(h)] + [len(str(x[i])) for x in lines]) for i, h in enumerate(head)]

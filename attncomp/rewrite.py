@@ -115,7 +115,8 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list) -> fx.GraphModul
         softmax_dtype = m.kwargs.get("dtype") if site.rule == "softmax_chain" else None
         kernel = AttentionKernel(plan, steps, (site.q.views, site.k.views, site.v.views), site.dropout,
                                  site.sdpa, site.kv_groups, site.module_path, softmax_dtype,
-                                 site.v.out_views, masks=masks)
+                                 site.v.out_views, masks=masks,
+                                 approx=requested if plan.strategy == "linear" else None)
         name = f"attncomp_site_{i}"
         while hasattr(gm, name):
             name += "_"

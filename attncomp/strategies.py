@@ -7,7 +7,7 @@ syntax, first match wins) to strategies, e.g. ``{"h.*.attn": "dense", "*": "auto
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,16 @@ class Sparse(Strategy):
 
 @dataclass(frozen=True)
 class Linear(Strategy):
-    """Linear attention (changes the function of a softmax site: approximate, opt-in)."""
+    """Linear attention φ(q)(φ(k)ᵀv) in place of softmax attention: it changes the function, so it
+    is opt-in (never chosen by ``auto``). The first call measures each site's relative error against
+    dense attention (``explain`` reports it); a site whose error exceeds ``tolerance`` runs dense
+    from then on. Sites with biases or masks other than causal stay dense."""
 
     name = "linear"
     exact = False
     feature_map: str = "elu1"
     chunk: int = 64
+    tolerance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,17 @@ def parse(strategy) -> Strategy | dict:
         return out
     raise ValueError(f"strategy must be one of {OPTIONS}, a strategy object or a dict of module-name "
                      f"patterns to strategies; got {type(strategy).__name__} {strategy!r}")
+
+
+def with_tolerance(parsed: Strategy | dict, tolerance: float | None) -> Strategy | dict:
+    """``parsed`` with ``tolerance`` set on its approximate strategies (unchanged when None)."""
+    if tolerance is None:
+        return parsed
+    if not isinstance(tolerance, (int, float)) or not tolerance > 0:
+        raise ValueError(f"tolerance must be a positive number, got {tolerance!r}")
+    if isinstance(parsed, dict):
+        return {p: with_tolerance(s, tolerance) for p, s in parsed.items()}
+    return replace(parsed, tolerance=float(tolerance)) if isinstance(parsed, Linear) else parsed
 
 
 def for_site(parsed: Strategy | dict, path: str) -> Strategy | None:

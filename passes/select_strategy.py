@@ -16,7 +16,7 @@ from attncomp import blocks
 from attncomp.ir import And, AttentionSpec, Causal, Full, Neighborhood, Or, Plan, Window, runtime_part, static_part
 from attncomp.strategies import Strategy
 
-AVAILABLE = ("dense", "local", "sparse")  # strategies with kernels today
+AVAILABLE = ("dense", "local", "sparse", "linear")  # strategies with kernels today
 TILE = 64  # tile edge used to report the fraction of tiles a static mask skips
 
 
@@ -41,6 +41,8 @@ def select_strategy(spec: AttentionSpec, requested: Strategy) -> Plan:
                     reasons=(f"strategy {requested.name!r} has no kernel yet; using dense (exact)",))
     if requested.name == "dense":
         return Plan(spec=spec, strategy="dense", reasons=("dense: requested",))
+    if requested.name == "linear":
+        return _linear(spec, requested, static, runtime)
     if tensor_only or (isinstance(static, (Full, Causal)) and not runtime):
         why = ("dense kernel" if not tensor_only else "dense kernel; the mask is a run-time tensor")
         if isinstance(static, Causal):
@@ -54,3 +56,18 @@ def select_strategy(spec: AttentionSpec, requested: Strategy) -> Plan:
     if runtime:
         skip += " (before key padding)" if skip else ", tiles chosen from the key padding at run time"
     return Plan(spec=spec, strategy=kind, reasons=(f"{requested.name}: {kind} block-sparse kernel, {spec.mask}{skip}",))
+
+
+def _linear(spec: AttentionSpec, requested, static, runtime) -> Plan:
+    """Opt-in approximation: linear attention where the site has no bias and no mask but causal."""
+    why = None
+    if runtime or not isinstance(static, (Full, Causal)) or (isinstance(static, Causal) and static.offset):
+        why = f"the mask {spec.mask} has no linear-attention form"
+    elif spec.score.bias or spec.score.softcap:
+        why = "the scores carry additive terms or a soft-cap"
+    if why:
+        return Plan(spec=spec, strategy="dense", reasons=(f"linear requested, but {why}; dense kernel (exact)",))
+    tol = "no tolerance" if requested.tolerance is None else f"tolerance {requested.tolerance:g}"
+    return Plan(spec=spec, strategy="linear",
+                reasons=(f"linear (approximate, opt-in): φ={requested.feature_map}, "
+                         f"{'causal' if isinstance(static, Causal) else 'non-causal'}, {tol}",))
