@@ -141,9 +141,11 @@ def device_info(device=None) -> dict[str, str]:
 
 
 @cache
+@cache
 def source_hash(*names: str) -> str:
     """A short hash of template files (``"dense_fwd.py.j2"``, from :func:`codegen.template_dir`) or
-    of other files given by path: pass it as ``version`` so an edited kernel is re-tuned."""
+    of other files given by path: pass it as ``version`` so an edited kernel is re-tuned. Read once
+    per process (launchers ask on every call)."""
     from .codegen import template_dir
 
     h = hashlib.sha256()

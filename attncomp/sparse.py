@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .blocks import _LRU, BlockTable, eval_expr
-from .runtime import use_triton
+from .runtime import _repeat_kv, use_triton
 
 _SCORE_BUDGET = 1 << 24  # score elements per chunk of query blocks in the CPU executor
 _VIS = _LRU(256)  # visibility of static tables, per (expr, shape, blocks, chunk)
@@ -94,7 +94,8 @@ def _pad_to(x: Tensor, dim: int, n: int, value=0) -> Tensor:
     return torch.nn.functional.pad(x, pad, value=value)
 
 
-def _full4(t: Tensor, B: int, H: int, Lq: int, Lk: int) -> Tensor:
+def _full4(t: Tensor, Lq: int, Lk: int) -> Tensor:
+    """``t`` broadcastable to ``(B, H, Lq, Lk)`` as a 4-D view expanded along the last two dims."""
     while t.dim() < 4:
         t = t.unsqueeze(0)
     return t.expand(t.shape[0], t.shape[1], Lq, Lk)
@@ -114,23 +115,21 @@ def cpu_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tens
         raise ValueError(f"block table has {Ht} heads; expected 1 or {Hq}")
     G = Hq // Hkv
     if Ht == Hq and G > 1:  # per-query-head tables: give every query head its own k / v rows
-        k = k[:, :, None].expand(B, Hkv, G, Lk, D).reshape(B, Hq, Lk, D)
-        v = v[:, :, None].expand(B, Hkv, G, Lk, Dv).reshape(B, Hq, Lk, Dv)
+        k, v = _repeat_kv(k, G), _repeat_kv(v, G)
         Hkv, G = Hq, 1
     kp = _pad_to(k, 2, nkb * block_n).to(acc)
     vp = _pad_to(v, 2, nkb * block_n).to(acc)
     qp = _pad_to(q, 2, nqb * block_m).to(acc)
     # (B, Hkv, nQB, G*block_m, D): the group's query heads share one gathered key set
     qg = qp.reshape(B, Hkv, G, nqb, block_m, D).permute(0, 1, 3, 2, 4, 5).reshape(B, Hkv, nqb, G * block_m, D)
-    keep4 = None if keep is None else _pad_to(_pad_to(_full4(keep, B, Hq, Lq, Lk), 2, nqb * block_m, False),
+    keep4 = None if keep is None else _pad_to(_pad_to(_full4(keep, Lq, Lk), 2, nqb * block_m, False),
                                                3, nkb * block_n, False)
-    bias4 = None if bias is None else _pad_to(_pad_to(_full4(bias, B, Hq, Lq, Lk), 2, nqb * block_m),
+    bias4 = None if bias is None else _pad_to(_pad_to(_full4(bias, Lq, Lk), 2, nqb * block_m),
                                                3, nkb * block_n).to(acc)
     grad = torch.is_grad_enabled()
     fused = not grad and not softcap and q.device.type == "cpu" and D == Dv
-    runs = None
-    if fused and keep4 is None and idx.shape[:2] == (1, 1):
-        runs = _band_runs(idx, valid, block_m, block_n)
+    static = keep4 is None and idx.shape[:2] == (1, 1)  # the table and visibility depend on shapes only
+    runs = _band_runs(idx, valid, block_m, block_n) if fused and static else None
     if runs is not None:  # runs of query blocks that read keys at a fixed stride: views, no gather
         front = max(c for _, _, c, _ in runs) * block_n
         back = max((b - 1) * block_m - c * block_n + W * block_n for _, b, c, W in runs)
@@ -143,7 +142,6 @@ def cpu_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tens
     for q0, nq, band, K in chunks:
         ib = idx[:, :, q0:q0 + nq]
         key = (mask_expr, Lq, Lk, block_m, block_n, q0, nq, K, str(q.device), band)
-        parts = (mask_expr, ib, full[:, :, q0:q0 + nq], valid[:, :, q0:q0 + nq])
         if band is not None:
             kg, vg = (_band_view(x, front, q0, nq, block_m, band[0] * block_n, K * block_n) for x in (kb, vb))
             vis = _VIS.get_or(key, functools.partial(_band_visibility, mask_expr, q0, nq, Lk, block_m,
@@ -151,13 +149,12 @@ def cpu_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tens
         else:
             kg = _gather_blocks(kp, ib, block_n)  # (B, Hkv, nq, K*bn, D); ib's heads are 1 or Hkv (== Hq)
             vg = _gather_blocks(vp, ib, block_n)
-            if keep4 is None and ib.shape[:2] == (1, 1):  # static table: the visibility is cached
-                vis = _VIS.get_or(key, functools.partial(_visibility, *parts, None, q0, nq, Lk, block_m, block_n))
-            else:
-                vis = _visibility(*parts, keep4, q0, nq, Lk, block_m, block_n)
+            make = functools.partial(_visibility, mask_expr, ib, full[:, :, q0:q0 + nq], valid[:, :, q0:q0 + nq],
+                                     keep4, q0, nq, Lk, block_m, block_n)
+            vis = _VIS.get_or(key, make) if static else make()
         if fused:  # torch's fused CPU flash kernel on the gathered blocks: batch = query blocks
             grouped = _heads_to_group(vis, Hkv, G)
-            if keep4 is None and ib.shape[:2] == (1, 1):
+            if static:
                 mask, empty = _VIS.get_or((*key, "flash", acc, G),
                                           functools.partial(_flash_mask, grouped, B, Hkv, G, acc))
             else:

@@ -193,6 +193,16 @@ def _flags(dtype: torch.dtype, has_bias: bool, causal: bool, softcap: float) -> 
     }
 
 
+def fwd_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[tuple[int, ...], torch.Tensor,
+                                                                           torch.Tensor]:
+    """A forward launcher's prologue: checked sizes ``(B, Hq, Hkv, Lq, Lk, D, Dv)`` and the empty
+    (poisoned when ``ATTNCOMP_POISON=1``) outputs ``out (B, Hq, Lq, Dv)`` and ``lse (B, Hq, Lq)`` f32."""
+    dims = _check(q, k, v)
+    _check_interpreter()
+    B, Hq, _, Lq, _, _, Dv = dims
+    return dims, _empty((B, Hq, Lq, Dv), q.dtype, q.device), _empty((B, Hq, Lq), torch.float32, q.device)
+
+
 def dense_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -208,10 +218,7 @@ def dense_fwd(
     q (B, Hq, Lq, D); k (B, Hkv, Lk, D); v (B, Hkv, Lk, Dv), any strides, one dtype among
     f32 / f16 / bf16, Hq % Hkv == 0; bias None or float, broadcastable to (B, Hq, Lq, Lk).
     Returns out (B, Hq, Lq, Dv) in q.dtype and lse (B, Hq, Lq) f32 (natural log)."""
-    B, Hq, Hkv, Lq, Lk, D, Dv = _check(q, k, v)
-    _check_interpreter()
-    out = _empty((B, Hq, Lq, Dv), q.dtype, q.device)
-    lse = _empty((B, Hq, Lq), torch.float32, q.device)
+    (B, Hq, Hkv, Lq, Lk, D, Dv), out, lse = fwd_outputs(q, k, v)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     cfg = config or tuned_config("dense_fwd", q, k, v, bias is not None, causal_offset is not None, softcap,

@@ -163,10 +163,7 @@ def sparse_fwd(
     bf16, Hq % Hkv == 0; bias None or float, broadcastable to (B, Hq, Lq, Lk); keep None or bool,
     broadcastable to (B, Hq, Lq, Lk); table from ``blocks.block_table(mask_expr, keep, Lq, Lk, BM, BN,
     device)``. Returns out (B, Hq, Lq, Dv) in q.dtype and lse (B, Hq, Lq) f32 (natural log)."""
-    B, Hq, Hkv, Lq, Lk, D, Dv = _check(q, k, v)
-    _check_interpreter()
-    out = _empty((B, Hq, Lq, Dv), q.dtype, q.device)
-    lse = _empty((B, Hq, Lq), torch.float32, q.device)
+    (B, Hq, Hkv, Lq, Lk, D, Dv), out, lse = triton_dense.fwd_outputs(q, k, v)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     meta = _meta(table, config, Lq, Lk, D, Dv, q.dtype)

@@ -22,6 +22,19 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def random_qkv_dout(c, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Random q ``(B, Hq, Lq, D)``, k ``(B, hkv, lk, D)``, v ``(B, hkv, lk, dv)`` and dout
+    ``(B, Hq, Lq, dv)`` in ``c.dtype`` for a test case ``c``; ``c.strided``: (B, L, H, D) storage
+    seen as (B, H, L, D)."""
+
+    def bhld(h, length, d):
+        if c.strided:
+            return torch.randn(c.B, length, h, d, generator=g).to(c.dtype).transpose(1, 2)
+        return torch.randn(c.B, h, length, d, generator=g).to(c.dtype)
+
+    return bhld(c.Hq, c.Lq, c.D), bhld(c.hkv, c.lk, c.D), bhld(c.hkv, c.lk, c.dv), bhld(c.Hq, c.Lq, c.dv)
+
+
 def assert_fwd_bwd_match(out, lse, grads, ref_out, ref_lse, leaves, inputs, bias, b64, tol: float) -> None:
     """Kernel outputs against a float64 reference: ``out`` / ``lse`` (same -inf rows), and the
     gradients ``grads = (dq, dk, dv, dbias)`` against ``leaves``' (q, k, v) and ``b64``'s ``.grad``

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from attncomp import blocks, codegen, ir, triton_sparse
-from conftest import assert_fwd_bwd_match
+from conftest import assert_fwd_bwd_match, random_qkv_dout
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DT_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -179,17 +179,11 @@ def make_keep(c: Case, g: torch.Generator) -> torch.Tensor | None:
 
 def make_inputs(c: Case, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
+    q, k, v, dout = random_qkv_dout(c, g)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g)
 
-    def bhld(h, length, d):
-        if c.strided:  # (B, L, H, D) storage seen as (B, H, L, D)
-            return rnd(c.B, length, h, d).to(c.dtype).transpose(1, 2)
-        return rnd(c.B, h, length, d).to(c.dtype)
-
-    q, k, v = bhld(c.Hq, c.Lq, c.D), bhld(c.hkv, c.lk, c.D), bhld(c.hkv, c.lk, c.dv)
-    dout = bhld(c.Hq, c.Lq, c.dv)
     bias = None
     if c.bias == "head":
         bias = rnd(1, c.Hq, c.Lq, c.lk)
