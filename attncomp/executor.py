@@ -274,8 +274,7 @@ class AttentionKernel(nn.Module):
         if keep is None and isinstance(self.static, Causal):
             out, lse = runtime.dense_fwd(q, k, v, bias, scale, self.static.offset, 0.0)
         elif self.plan.strategy == "dense":
-            visible = blocks.dense_keep(self.expr, Lq, Lk, q.device)
-            visible = visible if keep is None else visible & keep
+            visible = self._visible(Lq, Lk, terms, q.device)
             shift = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~visible, -math.inf)
             out, lse = runtime.dense_fwd(q, k, v, shift if bias is None else bias + shift, scale, None, 0.0)
         else:
