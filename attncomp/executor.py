@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import blocks, runtime
+from .approx import Approximation
 from .ir import Causal, Mask, Plan, mask_and
 
 BIG = 1e30  # a fill value at or below -BIG masks a score exactly like -inf (see `_fold`)
@@ -143,7 +144,7 @@ def kernel_failed(site: nn.Module, error: Exception) -> None:
                   stacklevel=3)
 
 
-class AttentionKernel(nn.Module):
+class AttentionKernel(Approximation, nn.Module):
     """Runs one attention site. Inputs: q ``(..., Lq, D)``, k ``(..., Lk, D)``, v ``(..., Lk, Dv)``
     (after the site's view ops) and the score program's terms; output ``(..., Lq, Dv)``."""
 
@@ -155,7 +156,7 @@ class AttentionKernel(nn.Module):
         self.sdpa, self.kv_groups, self.path = sdpa, kv_groups, path
         self.softmax_dtype, self.out_views = softmax_dtype, out_views
         self.masks = masks
-        # plan "linear": the opt-in approximation (an attncomp.Linear), its error measured on the first call
+        # an opt-in approximation (attncomp.Linear, or Sparse with topk), its error measured on the first call
         self.approx, self.approx_error, self.approx_rejected = approx, None, False
         self.static = mask_and(*(m.static for m in masks))
         self.expr = self.static.expr() if masks else None
@@ -213,17 +214,26 @@ class AttentionKernel(nn.Module):
             add = add[0]
         add4 = None if add is None else _to4d(add)
         causal = 0 if self.sdpa.get("is_causal") else None
-        if self.approx is not None and self.approx_error is not None and not self.approx_rejected:
-            return self._linear(q4, k4, v4).reshape(*lead, q.shape[-2], v.shape[-1])
+        if self.approx_active():
+            return self._approximate(q4, k4, v4, float(scale)).reshape(*lead, q.shape[-2], v.shape[-1])
         if self.masks:
             out = self._masked(q4, k4, v4, add4, float(scale), terms)
         else:
             out, _ = runtime.dense_fwd(q4, k4, v4, add4, float(scale), causal, 0.0)
             if self.plan.spec.empty_rows == "nan" and add4 is not None:
                 out = out.masked_fill(torch.isneginf(add4).all(-1, keepdim=True), math.nan)
-        if self.approx is not None and self.approx_error is None and not torch.compiler.is_compiling():
-            out = self._measure(out, self._linear(q4, k4, v4))
+        if self.approx_pending():
+            out = self._measure(out, self._approximate(q4, k4, v4, float(scale)))
         return out.reshape(*lead, q.shape[-2], v.shape[-1])
+
+    def _approximate(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        """The opt-in approximation of this site on 4-D q ``(B, Hq, Lq, D)``, k/v ``(B, Hkv, Lk, D/Dv)``:
+        linear attention (plan "linear") or content routing (``Sparse(topk=…)``)."""
+        if self.plan.strategy == "linear":
+            return self._linear(q, k, v)
+        from .ops import routed_attention
+
+        return routed_attention(q, k, v, region=self.approx.routing_region, topk=self.approx.topk, scale=scale)
 
     def _linear(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Linear attention φ(q)(φ(k)ᵀv) / φ(q)·Σφ(k) for this site (the softmax scale is not used)."""
@@ -234,26 +244,6 @@ class AttentionKernel(nn.Module):
         k, v = runtime._repeat_kv(k, groups), runtime._repeat_kv(v, groups)
         causal = bool(self.sdpa.get("is_causal")) or isinstance(static_part(self.plan.spec.mask), Causal)
         return linear_attention(q, k, v, feature_map=self.approx.feature_map, causal=causal, chunk=self.approx.chunk)
-
-    def _measure(self, dense: Tensor, linear: Tensor) -> Tensor:
-        """First call of an approximate site: record ‖linear − dense‖ / ‖dense‖; keep dense if above
-        the tolerance."""
-        err = ((linear.double() - dense.double()).norm() / dense.double().norm().clamp_min(1e-30)).item()
-        self.approx_error = err
-        tol = self.approx.tolerance
-        self.approx_rejected = tol is not None and not err <= tol
-        return dense if self.approx_rejected else linear
-
-    def approx_note(self) -> str | None:
-        """What ``explain`` says about an approximate site (None for exact ones)."""
-        if self.approx is None:
-            return None
-        if self.approx_error is None:
-            return "error not measured yet (call the model once)"
-        note = f"measured relative error {self.approx_error:.3g} vs dense on the first call"
-        if self.approx_rejected:
-            note += f" > tolerance {self.approx.tolerance:g}: runs dense"
-        return note
 
     def _keep(self, terms) -> Tensor | None:
         """The proven masks' run-time part: a bool tensor broadcastable to the scores, or None."""

@@ -116,7 +116,7 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list) -> fx.GraphModul
         kernel = AttentionKernel(plan, steps, (site.q.views, site.k.views, site.v.views), site.dropout,
                                  site.sdpa, site.kv_groups, site.module_path, softmax_dtype,
                                  site.v.out_views, masks=masks,
-                                 approx=requested if plan.strategy == "linear" else None)
+                                 approx=requested if plan.spec.contract == "approx" else None)
         name = f"attncomp_site_{i}"
         while hasattr(gm, name):
             name += "_"

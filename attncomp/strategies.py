@@ -15,6 +15,11 @@ class Strategy:
     name = "auto"
     exact = True
 
+    @property
+    def approximate(self) -> bool:
+        """Does this request change the function (opt-in, error measured, ``tolerance`` applies)?"""
+        return not self.exact
+
 
 @dataclass(frozen=True)
 class Auto(Strategy):
@@ -35,11 +40,33 @@ class Local(Strategy):
 
 @dataclass(frozen=True)
 class Sparse(Strategy):
-    """Block-sparse attention; with ``topk`` set, content-routed (approximate, opt-in)."""
+    """Block-sparse attention; with ``topk`` set, content-routed (BiFormer region top-k,
+    :func:`attncomp.ops.routed_attention`): each ``region`` queries attend only to the ``topk`` key
+    regions of highest mean-q·mean-k affinity. Routing changes the function, so it is opt-in; the
+    first call measures each site's relative error against dense attention and a site above
+    ``tolerance`` runs dense. ``region`` defaults to 64 tokens."""
 
     name = "sparse"
     topk: int | None = None
     region: int | None = None
+    tolerance: float | None = None
+
+    def __post_init__(self):
+        for field_name in ("topk", "region"):
+            val = getattr(self, field_name)
+            if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
+                raise ValueError(f"Sparse({field_name}=...) must be a positive int or None, got {val!r}")
+        if self.region is not None and self.topk is None:
+            raise ValueError("Sparse(region=...) needs topk: region sets the routing granularity")
+
+    @property
+    def approximate(self) -> bool:
+        return self.topk is not None
+
+    @property
+    def routing_region(self) -> int:
+        """Tokens per routing region (``region``, 64 when unset)."""
+        return self.region or 64
 
 
 @dataclass(frozen=True)
@@ -58,10 +85,30 @@ class Linear(Strategy):
 
 @dataclass(frozen=True)
 class Tensor(Strategy):
-    """Higher-order (tensor) attention; ``rank`` set means the low-rank approximation."""
+    """Higher-order (tensor) attention. Sites written as tensor attention (a softmax over key pairs)
+    run exactly (:func:`attncomp.tensor.tensor_attention`); with ``rank`` or ``degree`` set, the opt-in
+    low-rank approximation (:func:`attncomp.tensor_lowrank.lowrank_tensor_attention`, ``method``
+    ``"poly"`` or ``"random"``) instead, its error against the exact kernel measured on the first call;
+    a site above ``tolerance`` stays exact."""
 
     name = "tensor"
     rank: int | None = None
+    degree: int | None = None
+    method: str = "poly"
+    seed: int | None = 0
+    tolerance: float | None = None
+
+    def __post_init__(self):
+        for field_name in ("rank", "degree"):
+            val = getattr(self, field_name)
+            if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
+                raise ValueError(f"Tensor({field_name}=...) must be a positive int or None, got {val!r}")
+        if self.method not in ("poly", "random"):
+            raise ValueError(f"Tensor(method=...) must be 'poly' or 'random', got {self.method!r}")
+
+    @property
+    def approximate(self) -> bool:
+        return self.rank is not None or self.degree is not None
 
 
 BY_NAME = {cls.name: cls for cls in (Auto, Dense, Local, Sparse, Linear, Tensor)}
@@ -101,7 +148,7 @@ def with_tolerance(parsed: Strategy | dict, tolerance: float | None) -> Strategy
         raise ValueError(f"tolerance must be a positive number, got {tolerance!r}")
     if isinstance(parsed, dict):
         return {p: with_tolerance(s, tolerance) for p, s in parsed.items()}
-    return replace(parsed, tolerance=float(tolerance)) if isinstance(parsed, Linear) else parsed
+    return replace(parsed, tolerance=float(tolerance)) if parsed.approximate else parsed
 
 
 def for_site(parsed: Strategy | dict, path: str) -> Strategy | None:

@@ -8,6 +8,9 @@ Only exact strategies are chosen automatically. The reasons end up in ``explain`
   block-sparse kernel visits only the tiles near the diagonal.
 * ``sparse``: any other proven mask (block-diagonal, grid, prefix, key padding…) — the same
   block-sparse kernel, driven by the block table of the mask.
+
+Opt-in approximations (the plan's spec gets ``contract="approx"``; the kernel measures the error on
+the first call): ``Linear`` and ``Sparse(topk=…)`` (content routing) on softmax sites without biases.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ def select_strategy(spec: AttentionSpec, requested: Strategy) -> Plan:
         return Plan(spec=spec, strategy="dense", reasons=("dense: requested",))
     if requested.name == "linear":
         return _linear(spec, requested, static, runtime)
+    if requested.name == "sparse" and requested.approximate:
+        return _routed(spec, requested, static, runtime)
     if tensor_only or (isinstance(static, (Full, Causal)) and not runtime):
         why = ("dense kernel" if not tensor_only else "dense kernel; the mask is a run-time tensor")
         if isinstance(static, Causal):
@@ -68,6 +73,26 @@ def _linear(spec: AttentionSpec, requested, static, runtime) -> Plan:
     if why:
         return Plan(spec=spec, strategy="dense", reasons=(f"linear requested, but {why}; dense kernel (exact)",))
     tol = "no tolerance" if requested.tolerance is None else f"tolerance {requested.tolerance:g}"
-    return Plan(spec=spec, strategy="linear",
+    return Plan(spec=spec.with_(contract="approx"), strategy="linear",
                 reasons=(f"linear (approximate, opt-in): φ={requested.feature_map}, "
                          f"{'causal' if isinstance(static, Causal) else 'non-causal'}, {tol}",))
+
+
+def _routed(spec: AttentionSpec, requested, static, runtime) -> Plan:
+    """Opt-in approximation: content routing (region top-k) where the site has no mask and no bias.
+
+    Routing picks key regions by content; a site's own mask or bias would have to be combined with
+    that selection, which the routed kernel does not do, so such sites stay dense."""
+    why = None
+    if runtime or not isinstance(static, Full):
+        why = f"routing is not combined with the site's {spec.mask} mask"
+    elif spec.score.bias or spec.score.softcap:
+        why = "the scores carry additive terms or a soft-cap"
+    if why:
+        return Plan(spec=spec, strategy="dense",
+                    reasons=(f"routed sparse requested, but {why}; dense kernel (exact)",))
+    tol = "no tolerance" if requested.tolerance is None else f"tolerance {requested.tolerance:g}"
+    region = requested.routing_region
+    return Plan(spec=spec.with_(contract="approx"), strategy="sparse",
+                reasons=(f"sparse routed (approximate, opt-in): each {region}-token query region attends its "
+                         f"top-{requested.topk} key regions by mean q·k affinity, {tol}",))
