@@ -141,18 +141,23 @@ def peak_mib(fn: Callable[[], object]) -> float | None:
 
 
 def run_point(case: str, params: dict, impls: dict[str, Callable[[], Tensor]], warmup: int, repeats: int,
-              fast: nn.Module | None = None, notes: list[str] | None = None, memory: bool = False) -> list[Result]:
-    """Verify and time one shape point. ``impls`` must start with ``"eager"``, the reference.
+              fast: nn.Module | None = None, notes: list[str] | None = None, memory: bool = False,
+              reference: Callable[[], Tensor] | None = None, unchecked: tuple[str, ...] = ()) -> list[Result]:
+    """Verify and time one shape point. ``impls`` must start with ``"eager"``, the baseline.
 
     Each callable takes no arguments and returns the output tensor to compare. ``fast`` is the
     module returned by ``attncomp.optimize`` (its explain report goes into the ``attncomp`` row).
+    Outputs are checked against ``reference()`` (computed once, not timed) when given, else against
+    eager's. Implementations named in ``unchecked`` compute a different function (a peer that is
+    compared for speed only, e.g. softmax attention beside linear attention): not checked.
     """
     assert next(iter(impls)) == "eager", "the first implementation is the eager baseline"
     label = " ".join(f"{k}={v}" for k, v in params.items())
-    print(f"[{case}] {label}: verifying {', '.join(impls)}", flush=True)
+    print(f"[{case}] {label}: verifying {', '.join(n for n in impls if n not in unchecked)}", flush=True)
     with torch.no_grad():
-        ref = impls["eager"]()
-        errs = {name: _errors(fn(), ref) for name, fn in impls.items() if name != "eager"}
+        ref = reference() if reference is not None else impls["eager"]()
+        errs = {name: _errors(fn(), ref) for name, fn in impls.items()
+                if name not in unchecked and (name != "eager" or reference is not None)}
         for name, (rel, _) in errs.items():
             if not rel <= TOL:
                 print(f"\n{'!' * 78}\n!! MISMATCH [{case}] {label} impl={name}: relative error {rel:.3e} "
@@ -166,9 +171,10 @@ def run_point(case: str, params: dict, impls: dict[str, Callable[[], Tensor]], w
     rows = []
     for name, ts in times.items():
         rel, mx = errs.get(name, (None, None))
+        extra = ["a different function: compared for speed only"] if name in unchecked else []
         rows.append(Result(case, name, dict(params), statistics.median(ts), min(ts), max(ts), repeats, warmup,
                            [round(t, 4) for t in ts], rel, mx, rel is None or rel <= TOL,
-                           info if name == "attncomp" else None, list(notes or []), peaks.get(name)))
+                           info if name == "attncomp" else None, list(notes or []) + extra, peaks.get(name)))
     return rows
 
 
@@ -407,11 +413,37 @@ def routed_sparse(opts: Options) -> list[Result]:
     return run_point("routed_sparse", params, impls, warmup, repeats, None, notes, memory=True)
 
 
+# ---------------------------------------------------------------------------------- linear_causal
+def linear_causal(opts: Options) -> list[Result]:
+    """Causal linear attention (φ = elu+1, chunk 64), B=1 H=8 D=64, L = 2k … 16k: causal SDPA
+    (``eager``: softmax attention, a different function, compared for speed only) vs
+    ``attncomp.ops.linear_attention`` (chunked scan), checked against the float64 recurrence
+    ``attncomp.linear.linear_attention_reference`` (one step per position, not timed)."""
+    from attncomp import linear, ops
+
+    lengths = (2048, 8192) if opts.quick else (2048, 4096, 8192, 16384)
+    warmup, repeats = _counts(opts, 1, 3 if opts.quick else 5)
+    rows = []
+    for L in lengths:
+        torch.manual_seed(opts.seed)
+        q, k, v = (torch.randn(1, 8, L, 64) for _ in range(3))
+        impls = {
+            "eager": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            "attncomp": lambda q=q, k=k, v=v: ops.linear_attention(q, k, v, causal=True),
+        }
+        params = {"B": 1, "H": 8, "L": L, "D": 64, "feature_map": "elu1", "dtype": "float32"}
+        rows += run_point("linear_causal", params, impls, warmup, repeats, memory=True,
+                          reference=lambda q=q, k=k, v=v: linear.linear_attention_reference(q, k, v, causal=True),
+                          unchecked=("eager",))
+    return rows
+
+
 CASES: dict[str, Callable[[Options], list[Result]]] = {
     "site_dense": site_dense,
     "sliding_window": sliding_window,
     "neighborhood_2d": neighborhood_2d,
     "routed_sparse": routed_sparse,
+    "linear_causal": linear_causal,
     "gpt2_e2e": gpt2_e2e,
 }
 
@@ -460,7 +492,10 @@ def print_table(rows: list[Result]) -> None:
         eager_ms = base.get((r.case, json.dumps(r.params, sort_keys=True)))
         speed = f"x{eager_ms / r.median_ms:.2f}" if eager_ms else "-"
         err = "-" if r.rel_err is None else f"{r.rel_err:.2e}"
-        check = "baseline" if r.impl == "eager" else ("ok" if r.ok else "MISMATCH")
+        if r.rel_err is None:
+            check = "baseline" if r.impl == "eager" else "speed only"
+        else:
+            check = "ok" if r.ok else "MISMATCH"
         peak = "-" if r.peak_mib is None else f"{r.peak_mib:.0f}"
         lines.append((r.case, str(r.params.get("L", "-")), r.impl, f"{r.median_ms:.2f}", f"{r.min_ms:.2f}",
                       speed, err, peak, check))
