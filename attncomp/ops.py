@@ -20,9 +20,11 @@ from . import blocks, ir, routing
 from . import sparse as _sparse  # noqa: F401  (registers the custom ops)
 from .linear import linear_attention  # re-exported: the linear strategy's op
 from .runtime import use_triton
+from .tensor import tensor_attention  # re-exported: the tensor strategy's op
 
 __all__ = ["attention", "neighborhood_attention", "block_attention", "grid_attention", "halo_attention",
-           "default_blocks", "choose_blocks", "routed_attention", "linear_attention"]
+           "default_blocks", "choose_blocks", "routed_attention", "linear_attention",
+           "tensor_attention"]
 
 
 def default_blocks(D: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
@@ -100,29 +102,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, keep: Tensor | None
         blocks_mn: tile sizes of the block table (default: :func:`default_blocks`).
 
     Returns:
-        ``(B, Hq, Lq, Dv)`` in q's dtype. A query that sees no key gets zeros.
+        ``(B, Hq, Lq, Dv)`` in q's dtype. A query that sees no key gets zeros (so does every query
+        when ``Lk = 0``); ``B``, ``Hq`` or ``Lq`` = 0 give an empty output. Raises ``TypeError`` /
+        ``ValueError`` naming the argument for bad inputs (:mod:`attncomp.validate`).
     """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be 4-D (B, H, L, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    B, Hq, Lq, D = q.shape
-    if k.shape[0] != B or v.shape[:3] != k.shape[:3] or k.shape[3] != D:
-        raise ValueError(f"incompatible shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
-    if k.shape[1] == 0 or Hq % k.shape[1]:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]})")
-    if keep is not None and keep.dtype != torch.bool:
-        raise TypeError(f"keep must be a bool tensor (True = visible), got {keep.dtype}; pass additive "
-                        "masks as bias=")
+    from . import validate
+
+    B, Hq, _, Lq, Lk, D, _ = validate.check_qkv(q, k, v, kernel_limit=use_triton(q))
+    validate.check_keep(keep, (B, Hq, Lq, Lk), q)
+    validate.check_additive(bias, (B, Hq, Lq, Lk), q)
     expr = _check_mask(mask)
-    Lk = k.shape[2]
-    for name, t in (("keep", keep), ("bias", bias)):
-        if t is not None:
-            try:
-                torch.broadcast_shapes(t.shape, (B, Hq, Lq, Lk))
-            except RuntimeError:
-                raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to "
-                                 f"(B, Hq, Lq, Lk) = {(B, Hq, Lq, Lk)}") from None
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = validate.check_scale(scale)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    softcap = validate.check_softcap(softcap)
+    if validate.is_empty(q, k, v):  # defined results without a block table (validate.empty_result)
+        out, _ = torch.ops.attncomp.dense_fwd(q, k, v, None, scale, None, softcap)
+        return out
     bm, bn = blocks_mn or choose_blocks(q, k, v, expr, keep, bias, scale, float(softcap))
     table = blocks.block_table_op(q, keep, expr or "", Lq, Lk, bm, bn)
     out, _ = torch.ops.attncomp.sparse_fwd(q, k, v, bias, keep, *table, scale, float(softcap), expr or "", bm, bn)
@@ -142,14 +137,20 @@ def routed_attention(q: Tensor, k: Tensor, v: Tensor, region: int = 64, topk: in
         scale: default ``1/sqrt(D)``.
 
     Returns:
-        ``(B, Hq, Lq, Dv)`` in q's dtype.
+        ``(B, Hq, Lq, Dv)`` in q's dtype (zeros when ``Lk = 0``, empty when ``Lq = 0``).
     """
-    if v.dim() != 4 or v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"incompatible shapes k{tuple(k.shape)} v{tuple(v.shape)}")
+    from . import validate
+
+    validate.check_qkv(q, k, v, kernel_limit=use_triton(q))
+    scale = validate.check_scale(scale)
+    if validate.is_empty(q, k, v):
+        routing._check(q[..., :1, :], k[..., :1, :], region, topk)  # region / topk are still checked
+        out, _ = torch.ops.attncomp.dense_fwd(q, k, v, None, 1.0, None, 0.0)
+        return out
     table = routing.routed_block_table(q, k, region, topk)
     if use_triton(q) and (region < 16 or region & (region - 1)):
         raise ValueError(f"the Triton kernels need region to be a power of two >= 16, got {region}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out, _ = torch.ops.attncomp.sparse_fwd(q, k, v, None, None, *table.tensors, scale, 0.0, "", region, region)
     return out
 
