@@ -56,6 +56,9 @@ import torch.nn.functional as F  # noqa: E402
 import attncomp  # noqa: E402
 from attncomp import blocks, ir  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_other  # noqa: E402  (linear and tensor attention cases)
+
 ROOT = Path(__file__).resolve().parent.parent
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -90,6 +93,8 @@ def clean(x):
         return {str(k): clean(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [clean(v) for v in x]
+    if isinstance(x, torch.dtype):
+        return DT_NAME.get(x, str(x))
     return x
 
 
@@ -328,7 +333,8 @@ def gpu_cases(opts) -> list[Case]:
     for i, dt in enumerate(dense_dt):
         for j, D in enumerate(opts.head_dims):
             (first if i == 0 and j == 0 else rest).extend(dense(dt, D))
-    cases = first + (masks(mask_dt[0], opts.mask_head_dim) if mask_dt else []) + rest
+    other = gpu_other.other_cases(opts, DT_NAME) if not opts.no_other else []
+    cases = first + (masks(mask_dt[0], opts.mask_head_dim) if mask_dt else []) + other + rest
     for dt in mask_dt[1:]:
         cases += masks(dt, opts.mask_head_dim)
     return cases
@@ -337,7 +343,8 @@ def gpu_cases(opts) -> list[Case]:
 def smoke_cases(opts) -> list[Case]:
     f32 = torch.float32
     return [Case("dense-fp32-D32-L64", f32, 1, 2, 64, 32),
-            Case("window16-fp32-D32-L64", f32, 1, 2, 64, 32, ir.Window(15, 0), "window16")]
+            Case("window16-fp32-D32-L64", f32, 1, 2, 64, 32, ir.Window(15, 0), "window16")] + \
+        ([] if opts.no_other else gpu_other.smoke_other_cases(opts))
 
 
 class Bench:
@@ -483,23 +490,33 @@ def build_impls(case: Case, q, k, v, device, opts) -> tuple[dict, dict]:
     return impls, skipped
 
 
-def time_case(case: Case, device, bench: Bench, peak: float | None, opts, budget: Budget) -> dict:
+def time_case(case, device, bench: Bench, peak: float | None, opts, budget: Budget) -> dict:
+    """Time one case: a softmax :class:`Case`, or a ``gpu_other.OtherCase`` (linear / tensor)."""
     gen = torch.Generator(device=device).manual_seed(opts.seed)
-    shape = (case.B, case.H, case.L, case.D)
-    q, k, v = (torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(case.dtype).requires_grad_()
-               for _ in range(3))
-    dout = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(case.dtype)
-    expr = case.mask.expr() if case.mask is not None else None
-    pairs = visible_pairs(expr, case.L, case.L, device)
-    flops = 4.0 * case.B * case.H * case.D * pairs
     rec = {"id": case.id, "label": case.label, "dtype": DT_NAME[case.dtype], "B": case.B, "H": case.H, "L": case.L,
-           "D": case.D, "mask": str(case.mask) if case.mask is not None else "none", "expr": expr,
-           "visible_pairs": pairs, "density": pairs / case.L ** 2, "flops_fwd": flops,
-           "flops_fwd_bwd": flops * opts.fwd_bwd_flop_factor, "impls": {}, "notes": case.notes}
-    impls, skipped = build_impls(case, q, k, v, device, opts)
+           "D": case.D, "mask": str(case.mask) if case.mask is not None else "none", "impls": {},
+           "notes": case.notes}
+    speed_only = ()
+    if isinstance(case, Case):
+        shape = (case.B, case.H, case.L, case.D)
+        q, k, v = (torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(case.dtype)
+                   .requires_grad_() for _ in range(3))
+        dout = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(case.dtype)
+        expr = case.mask.expr() if case.mask is not None else None
+        pairs = visible_pairs(expr, case.L, case.L, device)
+        flops = 4.0 * case.B * case.H * case.D * pairs
+        rec.update(expr=expr, visible_pairs=pairs, density=pairs / case.L ** 2)
+        impls, skipped = build_impls(case, q, k, v, device, opts)
+    else:
+        built = case.build(device, opts, gen, sdpa_backends)
+        rec.update(kind=case.kind, **built["rec"])
+        impls, skipped, dout, flops = built["impls"], built["skipped"], built["dout"], built["flops"]
+        speed_only = tuple(built["speed_only"])
+    rec.update(flops_fwd=flops, flops_fwd_bwd=flops * opts.fwd_bwd_flop_factor)
     for name, why in skipped.items():
         rec["impls"][name] = {"status": "skipped", "note": why}
     ref_out = None
+    leaves: list = []
     for name, setup in impls.items():
         r = rec["impls"][name] = {"status": "error", "note": ""}
         if budget.left() < 0:
@@ -526,7 +543,9 @@ def time_case(case: Case, device, bench: Bench, peak: float | None, opts, budget
             if caught:
                 r["warnings"] = sorted({short(w.message)[:200] for w in caught})[:3]
             out = out.detach()
-            if ref_out is None and name in ATTNCOMP_IMPLS:
+            if name in speed_only:
+                r["agree_with"] = "not compared: a different function (speed only)"
+            elif ref_out is None and name in ATTNCOMP_IMPLS:
                 ref_out, r["agree_with"] = out, "itself (first attncomp impl: the others are compared with it)"
             elif ref_out is not None:
                 r["agree_rel_err"] = rel_err(out, ref_out)
@@ -549,7 +568,7 @@ def time_case(case: Case, device, bench: Bench, peak: float | None, opts, budget
                 rec["cuda_lost"] = True
                 break
         finally:
-            for t in (q, k, v):
+            for t in leaves:
                 t.grad = None
             if device.type == "cuda" and _cuda_alive(device):
                 torch.cuda.empty_cache()
@@ -590,6 +609,9 @@ def speedups(impls: dict) -> dict:
             if sdpa:
                 best = min(sdpa, key=sdpa.get)
                 s[f"vs_best_sdpa_{mode}"], s[f"best_sdpa_{mode}"] = sdpa[best] / mine, best
+            for n, r in impls.items():  # any other peer (e.g. the naive einsum of tensor attention)
+                if n not in ATTNCOMP_IMPLS and n != "flex" and not n.startswith("sdpa") and r.get(f"{mode}_ms"):
+                    s[f"vs_{n}_{mode}"] = r[f"{mode}_ms"] / mine
         out[a] = s
     return out
 
@@ -763,6 +785,10 @@ def table(doc: dict, opts) -> str:
                 x = get(rec, r, s)
                 cells.append(format(x, f">{w}{fmt}") if isinstance(x, (int, float)) else f"{'-':>{w}}")
             best = f"{s.get('best_sdpa_fwd', '-')}/{s.get('best_sdpa_fwd_bwd', '-')}".replace("sdpa_", "")
+            others = sorted({k[3:].rsplit("_fwd", 1)[0] for k in s if k.startswith("vs_")} - {"flex", "best_sdpa"})
+            for n in others:
+                a_, b_ = s.get(f"vs_{n}_fwd"), s.get(f"vs_{n}_fwd_bwd")
+                best += f"  x{n} " + "/".join(f"{x:.2f}" if x else "-" for x in (a_, b_))
             lines.append(f"{rec['id']:<{w0}} {a:<{w1}} " + " ".join(cells) + f"  {best}")
         if not shown:
             lines.append(f"{rec['id']:<{w0}} {rec.get('status', 'error')}: {rec.get('note', '')}"[:200])
@@ -804,6 +830,16 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=16, help="H of the timing cases (default 16)")
     p.add_argument("--math-max-l", type=int, default=1024, help="largest L timed with SDPA's math backend")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (no torch.compile)")
+    p.add_argument("--no-other", action="store_true", help="skip the linear and tensor attention cases")
+    p.add_argument("--other-dtype", type=lambda s: DTYPES[dts(s)[0]], default=torch.bfloat16,
+                   help="dtype of the linear / tensor cases (default bf16)")
+    p.add_argument("--linear-lengths", type=ints, default=[4096, 8192, 16384, 32768],
+                   help="causal linear attention L (default 4096..32768)")
+    p.add_argument("--tensor-lengths", type=ints, default=[256, 512, 1024], help="exact tensor attention L")
+    p.add_argument("--tensor-window", type=ints, default=[64, 16], help="w1,w2 of the windowed tensor cases")
+    p.add_argument("--tensor-window-lengths", type=ints, default=[4096, 16384], help="windowed tensor attention L")
+    p.add_argument("--tensor-naive-max-gib", type=float, default=24.0,
+                   help="largest score cube (GiB) the naive tensor einsum may materialise")
     p.add_argument("--cases", type=lambda s: [x for x in s.split(",") if x],
                    help="only checks / cases whose id contains one of these comma-separated substrings")
     p.add_argument("--skip-correctness", action="store_true")
@@ -868,6 +904,7 @@ def main(argv=None) -> int:
         if not opts.skip_timings:
             t0 = time.perf_counter()
             timings(opts, device, doc["peak"].get("bf16_tflops"), budget, doc)
+            doc["linear_crossover_L"] = gpu_other.linear_crossover(doc["timings"])
             doc["sections"]["timings_s"] = round(time.perf_counter() - t0, 1)
             log(f"section timings: {doc['sections']['timings_s']} s")
     except Exception as e:  # noqa: BLE001 - keep what was measured
@@ -890,6 +927,9 @@ def main(argv=None) -> int:
     if doc.get("cuda_lost"):
         print(f"!! CUDA context lost {doc['cuda_lost']}: later cases were not run")
     print(f"sections: {doc['sections']}; total {doc['elapsed_s']} s; JSON: {path}")
+    if "linear_crossover_L" in doc:
+        print(f"causal linear attention faster than the fastest causal SDPA from L = "
+              f"{doc['linear_crossover_L']} (fwd / fwd+bwd)")
     print()
     print(table(doc, opts))
     return 1 if bad or "fatal" in doc else 0

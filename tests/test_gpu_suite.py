@@ -49,6 +49,9 @@ def check_doc(doc: dict, n_checks: int, n_cases: int) -> None:
     assert len(doc["timings"]) == n_cases, doc["skipped"]
     for case in doc["timings"]:
         impls = case["impls"]
+        if "kind" in case:  # a linear / tensor case
+            check_other(case)
+            continue
         if case["mask"] != "none" and not sparse_ok:
             assert impls["attncomp"]["status"] == "skipped", impls["attncomp"]
         else:
@@ -61,6 +64,27 @@ def check_doc(doc: dict, n_checks: int, n_cases: int) -> None:
             case["visible_pairs"]
 
 
+def check_other(case: dict) -> None:
+    """A linear or tensor attention case: attncomp timed; linear's SDPA peers timed for speed only,
+    tensor's naive einsum timed and agreeing with attncomp."""
+    impls = case["impls"]
+    r = impls["attncomp"]
+    assert r["status"] == "ok" and r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["fwd_tflops"] > 0, r
+    if case["kind"] == "linear":
+        assert impls["sdpa_math"]["status"] == "ok" and "speed only" in impls["sdpa_math"]["agree_with"]
+        assert case["flops_fwd"] == 4 * case["B"] * case["H"] * case["D"] * case["L"] * (case["chunk"] + case["D"])
+    else:
+        assert impls["naive"]["status"] == "ok" and impls["naive"]["agree_ok"], impls["naive"]
+        assert case["flops_fwd"] == 4 * case["B"] * case["H"] * case["D"] * case["triples"]
+
+
+def test_smoke_other_kernels(tmp_path):
+    """The linear and tensor attention cases (speed-only peers, crossover, naive einsum agreement)."""
+    doc = run_smoke(tmp_path, "--cases", "linear-causal,tensor-window")
+    check_doc(doc, n_checks=0, n_cases=2)
+    assert set(doc["linear_crossover_L"]) == {"fwd", "fwd_bwd"}
+
+
 def test_smoke_subset(tmp_path):
     """One dense and one sparse check, one dense and one masked timing case (< 60 s)."""
     doc = run_smoke(tmp_path, "--cases", "dense-plain,sparse-window16,dense-fp32,window16-fp32-D32")
@@ -70,4 +94,4 @@ def test_smoke_subset(tmp_path):
 @pytest.mark.slow
 def test_smoke_full(tmp_path):
     doc = run_smoke(tmp_path)
-    check_doc(doc, n_checks=11, n_cases=2)
+    check_doc(doc, n_checks=11, n_cases=5)
