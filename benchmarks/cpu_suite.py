@@ -151,7 +151,7 @@ def run_point(case: str, params: dict, impls: dict[str, Callable[[], Tensor]], w
     eager's. Implementations named in ``unchecked`` compute a different function (a peer that is
     compared for speed only, e.g. softmax attention beside linear attention): not checked.
     """
-    assert next(iter(impls)) == "eager", "the first implementation is the eager baseline"
+    assert next(iter(impls)) == "eager" or reference is not None, "the first implementation is the eager baseline"
     label = " ".join(f"{k}={v}" for k, v in params.items())
     print(f"[{case}] {label}: verifying {', '.join(n for n in impls if n not in unchecked)}", flush=True)
     with torch.no_grad():
@@ -438,12 +438,85 @@ def linear_causal(opts: Options) -> list[Result]:
     return rows
 
 
+# ---------------------------------------------------------------------------------- tensor attention
+def _naive_tensor(q: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor, window=None) -> Tensor:
+    """Tensor attention as one would write it: the ``(B, H, L, L, L)`` score cube by einsum, a
+    softmax over the flattened key pairs, an einsum with v1 and v2 (float32)."""
+    s = torch.einsum("bhid,bhjd,bhld->bhijl", q, k1, k2) * q.shape[-1] ** -0.5
+    if window is not None:
+        i = torch.arange(q.shape[-2])
+        rel = i[:, None] - i[None, :]
+        vis = ((rel >= 0) & (rel < window[0]))[:, :, None] & ((rel >= 0) & (rel < window[1]))[:, None, :]
+        s = s.masked_fill(~vis, float("-inf"))
+    p = torch.softmax(s.flatten(-2), -1).view_as(s)
+    return torch.einsum("bhijl,bhjd,bhld->bhid", p, v1, v2)
+
+
+def tensor_exact(opts: Options) -> list[Result]:
+    """Exact tensor (2-simplicial) attention, B=1 H=2 D=32, L=128 and 256: the naive einsum over the
+    materialised score cube (``eager``) vs ``attncomp.ops.tensor_attention`` (no cube), speed and peak
+    memory; both checked against the float64 reference ``attncomp.tensor.tensor_attention_reference``."""
+    from attncomp import ops, tensor
+
+    rows = []
+    warmup, repeats = _counts(opts, 1, 3 if opts.quick else 5)
+    for L in ((128,) if opts.quick else (128, 256)):
+        torch.manual_seed(opts.seed)
+        q, k1, k2, v1, v2 = (torch.randn(1, 2, L, 32) for _ in range(5))
+        args = (q, k1, k2, v1, v2)
+        impls = {"eager": lambda a=args: _naive_tensor(*a), "attncomp": lambda a=args: ops.tensor_attention(*a)}
+        params = {"B": 1, "H": 2, "L": L, "D": 32, "dtype": "float32"}
+        rows += run_point("tensor_exact", params, impls, warmup, repeats, memory=True,
+                          reference=lambda a=args: tensor.tensor_attention_reference(*a))
+    return rows
+
+
+def tensor_window(opts: Options) -> list[Result]:
+    """Windowed causal tensor attention (w1=64, w2=16: query i sees i-64 < j <= i, i-16 < l <= i),
+    B=1 H=2 D=32, L = 256 … 4096: ``attncomp.ops.tensor_attention(window=(64, 16))``; the naive
+    einsum (``eager``) needs the full (L, L, L) score cube (its size is in the notes; 512 GiB at
+    L=4096 in float32) and is run only at L=256. Checked against a float64 reference computed window by
+    window (a direct sum over the visible (j, l) pairs of each query, not timed)."""
+    from attncomp import ops
+
+    rows = []
+    w = (64, 16)
+    warmup, repeats = _counts(opts, 1, 3 if opts.quick else 5)
+    for L in ((256, 1024) if opts.quick else (256, 1024, 4096)):
+        torch.manual_seed(opts.seed)
+        q, k1, k2, v1, v2 = (torch.randn(1, 2, L, 32) for _ in range(5))
+        args = (q, k1, k2, v1, v2)
+        cube_gib = 2 * L ** 3 * 4 / 2 ** 30
+        notes = [f"the naive einsum's (B·H, L, L, L) float32 score cube alone needs {cube_gib:,.1f} GiB"]
+        impls = {"eager": lambda a=args: _naive_tensor(*a, window=w)} if L <= 256 else {}
+        impls["attncomp"] = lambda a=args: ops.tensor_attention(*a, window=w)
+        params = {"B": 1, "H": 2, "L": L, "D": 32, "w1": w[0], "w2": w[1], "dtype": "float32"}
+        rows += run_point("tensor_window", params, impls, warmup, repeats, notes=notes, memory=True,
+                          reference=lambda a=args: _window_reference(*a, w))
+    return rows
+
+
+def _window_reference(q: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor, w) -> Tensor:
+    """Windowed tensor attention in float64, query by query over its (w1, w2) window: O(L·w1·w2·D)."""
+    q, k1, k2, v1, v2 = (t.double() for t in (q, k1, k2, v1, v2))
+    L, scale = q.shape[-2], q.shape[-1] ** -0.5
+    out = torch.empty(*q.shape[:-1], v1.shape[-1], dtype=torch.float64)
+    for i in range(L):
+        j0, l0 = max(0, i - w[0] + 1), max(0, i - w[1] + 1)
+        s = torch.einsum("bhd,bhjd,bhld->bhjl", q[:, :, i], k1[:, :, j0:i + 1], k2[:, :, l0:i + 1]) * scale
+        p = torch.softmax(s.flatten(-2), -1).view_as(s)
+        out[:, :, i] = torch.einsum("bhjl,bhjd,bhld->bhd", p, v1[:, :, j0:i + 1], v2[:, :, l0:i + 1])
+    return out
+
+
 CASES: dict[str, Callable[[Options], list[Result]]] = {
     "site_dense": site_dense,
     "sliding_window": sliding_window,
     "neighborhood_2d": neighborhood_2d,
     "routed_sparse": routed_sparse,
     "linear_causal": linear_causal,
+    "tensor_exact": tensor_exact,
+    "tensor_window": tensor_window,
     "gpt2_e2e": gpt2_e2e,
 }
 
