@@ -76,20 +76,22 @@ CPU_CASES = [
     Case(1, 2, 70, 32, window=(16, 64)),
     Case(1, 1, 2, 4, causal=True),  # query 0 sees the single pair (0, 0)
 ]
-TRITON_CASES = [
+TRITON_CASES = [  # default interpreter tiles (one query block up to L = 64)
     Case(1, 2, 37, 16),
     Case(1, 2, 20, 16, Dv=8, L1=13, L2=29),
     Case(1, 2, 37, 16, causal=True),
+]
+SMALL_TILE_CASES = [  # 16 × 16 tiles: several query blocks and key tiles, ragged last ones
     Case(1, 2, 40, 16, window=(5, 3)),
-    Case(2, 2, 64, 16, window=(3, 20)),
+    Case(1, 1, 50, 16, Dv=8, window=(3, 20)),
+    Case(1, 1, 37, 8, causal=True),
+    Case(1, 1, 20, 16, L1=13, L2=35),
 ]
 SLOW_CASES = [
     Case(2, 2, 64, 32, L1=64, L2=48),
     Case(1, 2, 64, 24, Dv=20, causal=True),
-    Case(1, 1, 100, 16, window=(17, 40)),
+    Case(1, 2, 64, 16, window=(17, 40)),
 ]
-
-
 @pytest.fixture
 def triton_kernels():
     attncomp.set_kernels("triton")
@@ -115,6 +117,39 @@ def test_cpu_executor_small_chunks(c, torch_kernels, monkeypatch):
     """A tiny score budget: one key j per chunk, so the online softmax merges many chunks."""
     monkeypatch.setattr(tensor_mod, "CPU_BUDGET", 1)
     _check_case(c)
+
+
+@pytest.mark.parametrize("c", TRITON_CASES, ids=lambda c: c.id)
+def test_triton_interpreter(c, triton_kernels):
+    _check_case(c)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    from attncomp import triton_tensor
+
+    def config(Lq, L_inner, causal, w_inner, dtype):
+        return {"BLOCK_M": 16, "BLOCK_L": 16, "DOT_PRECISION": "ieee"}
+
+    monkeypatch.setattr(triton_tensor, "tensor_config", config)
+
+
+@pytest.mark.parametrize("c", SMALL_TILE_CASES, ids=lambda c: c.id)
+def test_triton_interpreter_small_tiles(c, triton_kernels, small_tiles):
+    _check_case(c)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("c", SLOW_CASES, ids=lambda c: c.id)
+def test_triton_interpreter_slow(c, triton_kernels):
+    _check_case(c)
+
+
+def test_triton_empty_keys_give_zeros(triton_kernels):
+    q, k1, v1 = torch.randn(1, 1, 5, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4)
+    k2, v2 = torch.randn(1, 1, 0, 4), torch.randn(1, 1, 0, 4)
+    out, lse = torch.ops.attncomp.tensor_fwd(q, k1, k2, v1, v2, 0.5, False, 5, 5)
+    assert torch.equal(out, torch.zeros(1, 1, 5, 4)) and bool(torch.isneginf(lse).all())
 
 
 def test_float64_matches_reference_closely(torch_kernels):
