@@ -325,12 +325,37 @@ class Score:
 
 
 @dataclass(frozen=True)
+class LinearForm:
+    """A site written as linear attention (``kernel="linear"``): ``num / (den + eps)`` with features
+    ``feature_map`` (``"elu1"``, ``"relu"``, or ``"graph"``: the model's own ops compute them)."""
+
+    feature_map: str
+    causal: bool
+    eps: float
+
+    def __str__(self) -> str:
+        return f"φ={self.feature_map}, {'causal' if self.causal else 'non-causal'}, eps={self.eps:g}"
+
+
+@dataclass(frozen=True)
+class TensorForm:
+    """A site written as tensor (2-simplicial) attention (``kernel="tensor"``): a softmax over key
+    pairs of ``scale · Σ_d q_id k1_jd k2_ld``, contracted with ``v1_jd v2_ld``."""
+
+    scale: float
+
+    def __str__(self) -> str:
+        return f"order 2 (key pairs), scale={self.scale:.4g}"
+
+
+@dataclass(frozen=True)
 class AttentionSpec:
     """What one attention site computes.
 
     ``empty_rows`` records what the eager site returns for a query row whose every key is masked
     with ``-inf``: ``"nan"`` (explicit softmax chains) or ``"zero"`` (torch SDPA).
     ``dropout_p`` is the site's dropout probability when training (0.0 when it has none).
+    ``contract`` is ``"exact"``, or ``"approx"`` in plans of opt-in approximations.
     """
 
     dims: Dims
@@ -342,6 +367,7 @@ class AttentionSpec:
     dropout_p: float = 0.0
     empty_rows: Literal["nan", "zero"] = "nan"
     contract: str = "exact"
+    form: LinearForm | TensorForm | None = None  # kernel "linear" / "tensor": what the site computes
 
     def with_(self, **changes) -> AttentionSpec:
         return replace(self, **changes)

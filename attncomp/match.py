@@ -402,25 +402,47 @@ def fold_repeat_kv(site: Site, gm) -> Site:
 # the rule table
 # --------------------------------------------------------------------------------------------
 
+def match_linear_attention(node: fx.Node, gm):
+    """Rule ``linear_attention`` (naive linear attention, :mod:`attncomp.linear_site`)."""
+    from .linear_site import match
+
+    return match(node, gm)
+
+
+# Rules on one anchor are tried top to bottom; the first site wins. A rule returns None when the
+# node is not a candidate for it at all (e.g. a division that is not linear attention's
+# normalisation): nothing is recorded or counted.
 RULES: list[tuple[str, set, Any]] = [
     ("sdpa_call", T.SDPA, match_sdpa_call),
     ("softmax_chain", T.SOFTMAX, match_softmax_chain),
+    ("linear_attention", T.DIV, match_linear_attention),
 ]
 
 
-def find_sites(gm: fx.GraphModule) -> list[Site | Miss]:
-    """All attention sites in ``gm`` (matched or missed), in graph order."""
+def find_sites(gm: fx.GraphModule) -> list:
+    """All attention sites in ``gm`` (matched or missed), in graph order: :class:`Site`,
+    ``LinearSite`` (lowered whole to its op) or :class:`Miss`."""
     found = []
     for node in list(gm.graph.nodes):
+        first_miss = None
         for name, anchors, rule in RULES:
-            if T.is_op(node, anchors, gm):
-                res = rule(node, gm)
-                if isinstance(res, Site):
-                    res = fold_repeat_kv(res, gm)
-                    if not _convex(gm, res):
-                        res = Miss(name, node, "the matched region is not convex", res.module_path)
-                COUNTERS[f"{name}:{'hit' if isinstance(res, Site) else 'miss'}"] += 1
+            if not T.is_op(node, anchors, gm):
+                continue
+            res = rule(node, gm)
+            if res is None:
+                continue
+            if isinstance(res, Site):
+                res = fold_repeat_kv(res, gm)
+            if not isinstance(res, Miss) and not _convex(gm, res):
+                res = Miss(name, node, "the matched region is not convex", res.module_path)
+            COUNTERS[f"{name}:{'miss' if isinstance(res, Miss) else 'hit'}"] += 1
+            if not isinstance(res, Miss):
                 found.append(res)
+                break
+            first_miss = first_miss or res
+        else:
+            if first_miss is not None:
+                found.append(first_miss)
     return found
 
 

@@ -88,6 +88,9 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list) -> fx.GraphModul
         if isinstance(site, Miss):
             records.append(SiteRecord(site.module_path, site.rule, "left", site.reason))
             continue
+        if not isinstance(site, Site):  # linear / tensor attention: lowered whole to their op
+            _rewrite_lowered(gm, site, i, parsed_strategy, records)
+            continue
         requested = for_site(parsed_strategy, site.module_path)
         spec = analyze(site)
         if requested is None:
@@ -117,15 +120,7 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list) -> fx.GraphModul
                                  site.sdpa, site.kv_groups, site.module_path, softmax_dtype,
                                  site.v.out_views, masks=masks,
                                  approx=requested if plan.spec.contract == "approx" else None)
-        name = f"attncomp_site_{i}"
-        while hasattr(gm, name):
-            name += "_"
-        gm.add_submodule(name, kernel)
-        with gm.graph.inserting_before(site.output):
-            new = gm.graph.call_module(name, (site.q.node, site.k.node, site.v.node, *terms))
-        new.meta = dict(site.output.meta)
-        site.output.replace_all_uses_with(new)
-        _erase_region(gm, site)
+        _insert_call(gm, site, kernel, (site.q.node, site.k.node, site.v.node, *terms), f"attncomp_site_{i}")
         records.append(SiteRecord(site.module_path, site.rule, "replaced", "; ".join(plan.reasons),
                                   spec, plan, kernel))
     _rewrite_mha(gm, parsed_strategy, records)
@@ -134,6 +129,34 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list) -> fx.GraphModul
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _insert_call(gm: fx.GraphModule, site, kernel, inputs: tuple, prefix: str) -> None:
+    name = prefix
+    while hasattr(gm, name):
+        name += "_"
+    gm.add_submodule(name, kernel)
+    with gm.graph.inserting_before(site.output):
+        new = gm.graph.call_module(name, inputs)
+    new.meta = dict(site.output.meta)
+    site.output.replace_all_uses_with(new)
+    _erase_region(gm, site)
+
+
+def _rewrite_lowered(gm: fx.GraphModule, site, i: int, parsed_strategy, records: list) -> None:
+    """A site that is its own kernel kind (``site.spec()``, ``site.kernel(plan, requested)``,
+    ``site.inputs``): naive linear attention, tensor attention."""
+    from attncomp.passes import plan_site
+
+    spec = site.spec()
+    requested = for_site(parsed_strategy, site.module_path)
+    if requested is None:
+        records.append(SiteRecord(site.module_path, site.rule, "left", "no strategy pattern matches this module", spec))
+        return
+    plan = plan_site(spec, requested)
+    kernel = site.kernel(plan, requested)
+    _insert_call(gm, site, kernel, tuple(site.inputs), f"attncomp_site_{i}")
+    records.append(SiteRecord(site.module_path, site.rule, "replaced", "; ".join(plan.reasons), spec, plan, kernel))
 
 
 def _rewrite_mha(gm: fx.GraphModule, parsed_strategy, records: list) -> None:

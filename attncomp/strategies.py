@@ -87,28 +87,34 @@ class Linear(Strategy):
 class Tensor(Strategy):
     """Higher-order (tensor) attention. Sites written as tensor attention (a softmax over key pairs)
     run exactly (:func:`attncomp.tensor.tensor_attention`); with ``rank`` or ``degree`` set, the opt-in
-    low-rank approximation (:func:`attncomp.tensor_lowrank.lowrank_tensor_attention`, ``method``
-    ``"poly"`` or ``"random"``) instead, its error against the exact kernel measured on the first call;
-    a site above ``tolerance`` stays exact."""
+    low-rank approximation (:func:`attncomp.tensor_lowrank.lowrank_tensor_attention`: ``degree`` of the
+    polynomial in place of exp, ``method`` ``"poly"`` (exact features) or ``"random"`` (``rank`` sampled
+    features; the default when ``rank`` is given), ``seed`` for the sampling) instead, its error against
+    the exact kernel measured on the first call; a site above ``tolerance`` stays exact."""
 
     name = "tensor"
     rank: int | None = None
     degree: int | None = None
-    method: str = "poly"
+    method: str | None = None
     seed: int | None = 0
     tolerance: float | None = None
 
     def __post_init__(self):
-        for field_name in ("rank", "degree"):
+        for field_name, low in (("rank", 1), ("degree", 0)):
             val = getattr(self, field_name)
-            if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
-                raise ValueError(f"Tensor({field_name}=...) must be a positive int or None, got {val!r}")
-        if self.method not in ("poly", "random"):
+            if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < low):
+                raise ValueError(f"Tensor({field_name}=...) must be an int >= {low} or None, got {val!r}")
+        if self.method not in (None, "poly", "random"):
             raise ValueError(f"Tensor(method=...) must be 'poly' or 'random', got {self.method!r}")
 
     @property
     def approximate(self) -> bool:
         return self.rank is not None or self.degree is not None
+
+    @property
+    def resolved_method(self) -> str:
+        """``method``, else ``"random"`` when ``rank`` is set (a budget of sampled features), else ``"poly"``."""
+        return self.method or ("random" if self.rank is not None else "poly")
 
 
 BY_NAME = {cls.name: cls for cls in (Auto, Dense, Local, Sparse, Linear, Tensor)}

@@ -37,8 +37,16 @@ def skipped_fraction(spec: AttentionSpec) -> float | None:
 
 
 def select_strategy(spec: AttentionSpec, requested: Strategy) -> Plan:
+    if spec.kernel == "linear":
+        return _recognised_linear(spec, requested)
+    if spec.kernel == "tensor":
+        return _recognised_tensor(spec, requested)
     static, runtime = static_part(spec.mask), runtime_part(spec.mask)
     tensor_only = [t for t in runtime if t.role == "general"]
+    if requested.name == "tensor":
+        return Plan(spec=spec, strategy="dense",
+                    reasons=("tensor requested, but the site is softmax attention over single keys; dense kernel "
+                             "(exact)",))
     if requested.name not in ("auto", *AVAILABLE):
         return Plan(spec=spec, strategy="dense",
                     reasons=(f"strategy {requested.name!r} has no kernel yet; using dense (exact)",))
@@ -96,3 +104,28 @@ def _routed(spec: AttentionSpec, requested, static, runtime) -> Plan:
     return Plan(spec=spec.with_(contract="approx"), strategy="sparse",
                 reasons=(f"sparse routed (approximate, opt-in): each {region}-token query region attends its "
                          f"top-{requested.topk} key regions by mean q·k affinity, {tol}",))
+
+
+def _not_for(requested, kind: str) -> str:
+    """The note for a request that does not apply to a recognised ``kind`` site."""
+    return "" if requested.name in ("auto", kind) else f"; {requested.name} requested, which applies to softmax sites"
+
+
+def _recognised_linear(spec: AttentionSpec, requested) -> Plan:
+    """A site the model writes as linear attention: run it, exactly, on the linear-attention op."""
+    why = f"linear (exact): recognised naive linear attention ({spec.form}), run on attncomp.linear.linear_attention"
+    return Plan(spec=spec, strategy="linear", reasons=(why + _not_for(requested, "linear"),))
+
+
+def _recognised_tensor(spec: AttentionSpec, requested) -> Plan:
+    """A site the model writes as tensor attention: the exact tensor-attention op, or with
+    ``Tensor(rank=…)`` / ``Tensor(degree=…)`` the opt-in low-rank approximation."""
+    if requested.name == "tensor" and requested.approximate:
+        tol = "no tolerance" if requested.tolerance is None else f"tolerance {requested.tolerance:g}"
+        knobs = ", ".join(f"{n}={getattr(requested, n)}" for n in ("degree", "rank")
+                          if getattr(requested, n) is not None)
+        return Plan(spec=spec.with_(contract="approx"), strategy="tensor",
+                    reasons=(f"tensor low-rank (approximate, opt-in): method={requested.resolved_method}, "
+                             f"{knobs}, {tol}",))
+    why = f"tensor (exact): recognised tensor attention ({spec.form}), run on attncomp.tensor.tensor_attention"
+    return Plan(spec=spec, strategy="tensor", reasons=(why + _not_for(requested, "tensor"),))
