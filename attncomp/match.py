@@ -409,11 +409,19 @@ def match_linear_attention(node: fx.Node, gm):
     return match(node, gm)
 
 
+def match_tensor_attention(node: fx.Node, gm):
+    """Rule ``tensor_attention`` (a softmax over key pairs, :mod:`attncomp.tensor_site`)."""
+    from .tensor_site import match
+
+    return match(node, gm)
+
+
 # Rules on one anchor are tried top to bottom; the first site wins. A rule returns None when the
 # node is not a candidate for it at all (e.g. a division that is not linear attention's
 # normalisation): nothing is recorded or counted.
 RULES: list[tuple[str, set, Any]] = [
     ("sdpa_call", T.SDPA, match_sdpa_call),
+    ("tensor_attention", T.SOFTMAX, match_tensor_attention),
     ("softmax_chain", T.SOFTMAX, match_softmax_chain),
     ("linear_attention", T.DIV, match_linear_attention),
 ]
@@ -421,7 +429,7 @@ RULES: list[tuple[str, set, Any]] = [
 
 def find_sites(gm: fx.GraphModule) -> list:
     """All attention sites in ``gm`` (matched or missed), in graph order: :class:`Site`,
-    ``LinearSite`` (lowered whole to its op) or :class:`Miss`."""
+    ``LinearSite`` / ``TensorSite`` (lowered whole to their ops) or :class:`Miss`."""
     found = []
     for node in list(gm.graph.nodes):
         first_miss = None
