@@ -9,6 +9,7 @@ the strategy's ``tolerance``, and ``explain`` shows :meth:`Approximation.approx_
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -35,8 +36,6 @@ class Approximation:
 
     def approx_pending(self) -> bool:
         """First call of an approximate site: measure now?"""
-        import torch
-
         return self.approx is not None and self.approx_error is None and not torch.compiler.is_compiling()
 
     def _measure(self, exact: Tensor, approx: Tensor) -> Tensor:

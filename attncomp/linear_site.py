@@ -19,7 +19,6 @@ same sums either way.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -127,14 +126,20 @@ def _product(node, tail: str, matmul_t: bool = False):
     return None
 
 
+def _default_elu(node: fx.Node) -> bool:
+    """``elu(x)`` with alpha 1 (positional or keyword; torch.export writes ``elu(x, 1.0)``), not in place."""
+    extra = list(node.args[1:]) + [v for k, v in node.kwargs.items() if k != "inplace"]
+    return len(extra) <= 1 and all(a == 1 for a in extra) and not node.kwargs.get("inplace")
+
+
 def _feature(node) -> tuple[str, fx.Node] | None:
     """``F.elu(x) + 1`` (either order, alpha 1) → ("elu1", x); ``relu(x)`` → ("relu", x)."""
     if T.is_op(node, RELU) and len(node.args) == 1 and not node.kwargs.get("inplace"):
         return "relu", node.args[0]
-    if T.is_op(node, {operator.add, torch.add}) and len(node.args) == 2 and not node.kwargs:
+    if T.is_op(node, T.ADD) and len(node.args) == 2 and not node.kwargs:
         a, b = node.args
         elu, one = (a, b) if isinstance(a, fx.Node) else (b, a)
-        if one == 1 and T.is_op(elu, ELU) and len(elu.args) == 1 and not elu.kwargs:
+        if one == 1 and T.is_op(elu, ELU) and _default_elu(elu):
             return "elu1", elu.args[0]
     return None
 
@@ -203,7 +208,7 @@ def _denominator(den, causal: bool, region: list) -> tuple[fx.Node, fx.Node]:
         ops = einsum_operands(flat, "ab,ab->a") if inner is not None else None
         if ops is None:
             prod = _is_sum(flat, -1, keepdim=inner is None)
-            if prod is not None and T.is_op(prod, {operator.mul, torch.mul}) and len(prod.args) == 2:
+            if prod is not None and T.is_op(prod, T.MUL) and len(prod.args) == 2:
                 region.append(prod)
                 ops = list(prod.args)
         if ops is None:

@@ -29,7 +29,9 @@ from .ir import AttentionSpec, Dims, Full, Plan, Score, TensorForm
 from .linear_site import einsum_operands
 from .match import Miss, _neg_dim, module_path
 
-RESHAPES = T.VIEW | {torch.flatten, torch.unflatten} | {("method", n) for n in ("flatten", "unflatten", "view_as")}
+aten = torch.ops.aten
+RESHAPES = (T.VIEW | {torch.flatten, torch.unflatten, aten.flatten.using_ints, aten.unflatten.int, aten.view_as.default}
+            | {("method", n) for n in ("flatten", "unflatten", "view_as")})
 
 
 class _No(Exception):

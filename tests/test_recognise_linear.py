@@ -193,3 +193,14 @@ def test_ordinary_divisions_are_not_candidates():
     fast = attncomp.optimize(Soft(), example_inputs=(q, k, v))
     assert [r.rule for r in attncomp.explain(fast).rows] == ["softmax_chain"]
     assert not any(key.startswith("linear_attention") for key in match.COUNTERS)
+
+
+@pytest.mark.parametrize("name", ["elu1-matmul-noncausal", "elu1-cumsum-causal"])
+def test_export_capture(name):
+    fn, fmap, causal, eps = CASES[name]
+    model = Site(fn)
+    x = torch.randn(2, 24, 32)
+    fast = attncomp.optimize(model, capture="export", example_inputs=(x,))
+    (row,) = attncomp.explain(fast).replaced
+    assert row.plan.spec.form == attncomp.ir.LinearForm(fmap, causal, eps)  # aten.elu(x, 1.0) + 1 is elu1
+    assert rel_err(fast(x), model(x)) <= 1e-5

@@ -179,3 +179,12 @@ def test_softmax_sites_are_not_tensor_sites():
     assert row.rule == "softmax_chain" and row.strategy == "dense" and "tensor requested, but" in row.reason
     with pytest.raises(ValueError, match="method"):
         attncomp.Tensor(rank=4, method="svd")
+
+
+def test_export_capture():
+    model = Site(flat_view_as)
+    x = _inputs()
+    fast = attncomp.optimize(model, capture="export", example_inputs=x)
+    (row,) = attncomp.explain(fast).replaced
+    assert row.rule == "tensor_attention" and row.strategy == "tensor"
+    assert rel_err(fast(*x), model(*x)) <= 1e-5
