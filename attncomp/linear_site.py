@@ -286,6 +286,9 @@ def _match(node, num, denom, got, path) -> LinearSite:
     if not 3 <= len(sq) <= 4 or sq != sk or sv[:-1] != sq[:-1] or len(sv) != len(sq):
         raise _No(f"q{tuple(sq)}, k{tuple(sk)}, v{tuple(sv)}: linear_attention needs q, k (B, H, L, D) of "
                   "one shape and v (B, H, L, Dv)")
+    dtypes = {getattr(T.meta(x), "dtype", None) for x in (fq, fk, v)}
+    if len(dtypes) != 1 or not getattr(next(iter(dtypes)), "is_floating_point", False):
+        raise _No(f"q, k, v dtypes {sorted(map(str, dtypes))}: linear_attention needs one float dtype")
     fmap, qk = "graph", (fq, fk)
     fa, fb = _feature(fq), _feature(fk)
     if fa is not None and fb is not None and fa[0] == fb[0]:

@@ -168,6 +168,9 @@ def _match(sm, gm, prod, scale, between, path) -> TensorSite:
         raise _No("q, k1, k2, v1, v2 have different batch axes (broadcast)")
     if s1[-2] != sv1[-2] or s2[-2] != sv2[-2] or sv1[-1] != sv2[-1]:
         raise _No(f"v1{tuple(sv1)}, v2{tuple(sv2)} do not match k1{tuple(s1)}, k2{tuple(s2)}")
+    dtypes = {getattr(T.meta(x), "dtype", None) for x in (q, k1, k2, v1, v2)}
+    if len(dtypes) != 1 or not getattr(next(iter(dtypes)), "is_floating_point", False):
+        raise _No(f"operand dtypes {sorted(map(str, dtypes))}: tensor_attention needs one float dtype")
     region.append(nxt)
     if any(x in region for x in (q, k1, k2, v1, v2)):
         raise _No("an operand is computed inside the site")
