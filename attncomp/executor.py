@@ -231,19 +231,27 @@ class AttentionKernel(Approximation, nn.Module):
         linear attention (plan "linear") or content routing (``Sparse(topk=…)``)."""
         if self.plan.strategy == "linear":
             return self._linear(q, k, v)
+        from .approx import routed_causal_attention
         from .ops import routed_attention
 
-        return routed_attention(q, k, v, region=self.approx.routing_region, topk=self.approx.topk, scale=scale)
+        region, topk = self.approx.routing_region, self.approx.topk
+        if self._causal():
+            return routed_causal_attention(q, k, v, region, topk, scale)
+        return routed_attention(q, k, v, region=region, topk=topk, scale=scale)
+
+    def _causal(self) -> bool:
+        from .ir import static_part
+
+        return bool(self.sdpa.get("is_causal")) or isinstance(static_part(self.plan.spec.mask), Causal)
 
     def _linear(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Linear attention φ(q)(φ(k)ᵀv) / φ(q)·Σφ(k) for this site (the softmax scale is not used)."""
-        from .ir import static_part
         from .linear import linear_attention
 
         groups = q.shape[1] // k.shape[1]
         k, v = runtime._repeat_kv(k, groups), runtime._repeat_kv(v, groups)
-        causal = bool(self.sdpa.get("is_causal")) or isinstance(static_part(self.plan.spec.mask), Causal)
-        return linear_attention(q, k, v, feature_map=self.approx.feature_map, causal=causal, chunk=self.approx.chunk)
+        return linear_attention(q, k, v, feature_map=self.approx.feature_map, causal=self._causal(),
+                                chunk=self.approx.chunk)
 
     def _keep(self, terms) -> Tensor | None:
         """The proven masks' run-time part: a bool tensor broadcastable to the scores, or None."""

@@ -87,13 +87,14 @@ def _linear(spec: AttentionSpec, requested, static, runtime) -> Plan:
 
 
 def _routed(spec: AttentionSpec, requested, static, runtime) -> Plan:
-    """Opt-in approximation: content routing (region top-k) where the site has no mask and no bias.
-
-    Routing picks key regions by content; a site's own mask or bias would have to be combined with
-    that selection, which the routed kernel does not do, so such sites stay dense."""
+    """Opt-in approximation: content routing (region top-k) where the site has no bias and no mask,
+    or a causal one (then key regions after the query region are never chosen and the causal mask
+    applies inside the kept tiles). Other masks and biases are not combined with the selection: such
+    sites stay dense."""
     why = None
-    if runtime or not isinstance(static, Full):
-        why = f"routing is not combined with the site's {spec.mask} mask"
+    causal = isinstance(static, Causal) and not static.offset
+    if runtime or not (isinstance(static, Full) or causal):
+        why = f"routing is combined with no mask but causal, not with the site's {spec.mask} mask"
     elif spec.score.bias or spec.score.softcap:
         why = "the scores carry additive terms or a soft-cap"
     if why:
@@ -103,7 +104,8 @@ def _routed(spec: AttentionSpec, requested, static, runtime) -> Plan:
     region = requested.routing_region
     return Plan(spec=spec.with_(contract="approx"), strategy="sparse",
                 reasons=(f"sparse routed (approximate, opt-in): each {region}-token query region attends its "
-                         f"top-{requested.topk} key regions by mean q·k affinity, {tol}",))
+                         f"top-{requested.topk} key regions by mean q·k affinity"
+                         f"{' (none after it; causal inside the kept tiles)' if causal else ''}, {tol}",))
 
 
 def _not_for(requested, kind: str) -> str:

@@ -30,10 +30,23 @@ class Causal(nn.Module):
         return ((q @ k.transpose(-1, -2)) * 0.3 + mask).softmax(-1) @ v
 
 
-def routed_by_hand(q, k, v, region, topk, scale):
+class SdpaCausal(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class Window(nn.Module):
+    def forward(self, q, k, v):
+        i = torch.arange(q.shape[-2])
+        near = (i[None, :] - i[:, None]).abs() <= 8
+        return (q @ k.transpose(-1, -2)).masked_fill(~near, float("-inf")).softmax(-1) @ v
+
+
+def routed_by_hand(q, k, v, region, topk, scale, causal=False):
     """float64 routed attention from first principles: region means (the last region averages its
-    own tokens), affinities, the topk key regions per query region (ties to the lower index), then
-    softmax over the tokens of the kept regions only."""
+    own tokens), affinities, the topk key regions per query region (ties to the lower index; causal:
+    among the key regions not after the query region), then softmax over the tokens of the kept
+    regions only (causal: and key ≤ query)."""
     q, k, v = q.double(), k.double(), v.double()
     G = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
@@ -47,8 +60,11 @@ def routed_by_hand(q, k, v, region, topk, scale):
             for i in range(nq):
                 qm = q[b, h, i * region:(i + 1) * region].mean(0)
                 aff = [float((qm @ km[j]).detach()) for j in range(nk)]
-                for j in sorted(range(nk), key=lambda j: (-aff[j], j))[:topk]:
+                allowed = [j for j in range(nk) if not causal or j <= i]
+                for j in sorted(allowed, key=lambda j: (-aff[j], j))[:topk]:
                     visible[b, h, i * region:(i + 1) * region, j * region:(j + 1) * region] = True
+    if causal:
+        visible &= torch.ones(Lq, Lk, dtype=torch.bool).tril()
     s = (q @ k.transpose(-1, -2) * scale).masked_fill(~visible, -math.inf)
     return s.softmax(-1) @ v
 
@@ -112,13 +128,33 @@ def test_tolerance_keeps_a_site_dense_and_says_so():
     assert rel_err(loose(q, k, v), routed_by_hand(q, k, v, 16, 2, 0.3)) <= 1e-5
 
 
-def test_masked_sites_stay_dense_with_the_reason():
+@pytest.mark.parametrize("model,scale", [(Causal(), 0.3), (SdpaCausal(), 0.25)],
+                         ids=["chain-arange-mask", "sdpa-is_causal"])
+def test_causal_sites_route_among_earlier_regions(model, scale):
+    q, k, v = _qkv(L=72, grad=True)  # the last region is short (72 = 4·16 + 8)
+    fast = attncomp.optimize(model, strategy=attncomp.Sparse(topk=2, region=16), example_inputs=(q, k, v))
+    (row,) = attncomp.explain(fast).replaced
+    assert row.strategy == "sparse" and "(none after it; causal inside the kept tiles)" in row.reason
+    expect = routed_by_hand(q, k, v, 16, 2, scale, causal=True)
+    err = rel_err(expect, model(q, k, v))
+    assert err > 1e-3 and abs(row.kernel.approx_error - err) <= 1e-5 * err
+    out = fast(q, k, v)
+    assert rel_err(out, expect) <= 1e-5
+    dout = torch.randn_like(out)
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref_grads = torch.autograd.grad((routed_by_hand(*leaves, 16, 2, scale, causal=True) * dout.double()).sum(), leaves)
+    for got, want in zip(torch.autograd.grad((out * dout).sum(), (q, k, v)), ref_grads):
+        assert rel_err(got, want) <= 1e-5
+
+
+def test_other_masks_and_biases_stay_dense_with_the_reason():
     q, k, v = _qkv()
-    fast = attncomp.optimize(Causal(), strategy=attncomp.Sparse(topk=2, region=16), example_inputs=(q, k, v))
+    fast = attncomp.optimize(Window(), strategy=attncomp.Sparse(topk=2, region=16), example_inputs=(q, k, v))
     (row,) = attncomp.explain(fast).replaced
     assert row.strategy == "dense" and row.kernel.approx is None
-    assert "routed sparse requested, but routing is not combined with the site's causal" in row.reason
-    assert rel_err(fast(q, k, v), Causal()(q, k, v)) <= 1e-5
+    assert "routed sparse requested, but routing is combined with no mask but causal, not with the site's window" \
+        in row.reason
+    assert rel_err(fast(q, k, v), Window()(q, k, v)) <= 1e-5
 
 
 def test_never_chosen_without_topk_and_arguments_checked():
@@ -131,3 +167,28 @@ def test_never_chosen_without_topk_and_arguments_checked():
         attncomp.Sparse(topk=0)
     with pytest.raises(ValueError, match="needs topk"):
         attncomp.Sparse(region=16)
+
+
+def test_causal_routing_on_the_triton_kernels(monkeypatch):
+    from attncomp import triton_sparse
+    from attncomp.approx import routed_causal_attention
+
+    calls = {"fwd": 0, "bwd": 0}
+    for name in calls:
+        fn = getattr(triton_sparse, f"sparse_{name}")
+        monkeypatch.setattr(triton_sparse, f"sparse_{name}",
+                            lambda *a, _fn=fn, _n=name, **kw: calls.__setitem__(_n, calls[_n] + 1) or _fn(*a, **kw))
+    q, k, v = _qkv(L=72, grad=True)
+    attncomp.set_kernels("triton")
+    try:
+        out = routed_causal_attention(q, k, v, 16, 2, 0.25)
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad((out * dout).sum(), (q, k, v))
+    finally:
+        attncomp.set_kernels(None)
+    assert calls["fwd"] >= 1 and calls["bwd"] >= 1, calls
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = routed_by_hand(*leaves, 16, 2, 0.25, causal=True)
+    assert rel_err(out, ref) <= 1e-4
+    for got, want in zip(grads, torch.autograd.grad((ref * dout.double()).sum(), leaves)):
+        assert rel_err(got, want) <= 1e-4
