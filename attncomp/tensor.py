@@ -167,13 +167,90 @@ def _blocks(Lq, L1, L2, causal, w1, w2, bq, cj, device):
         yield i0, i1, la, lb, chunks
 
 
+def _mm(x: Tensor, y: Tensor) -> Tensor:
+    """``(B, H, n, c, K) @ (B, H, K, N) → (B, H, n, c, N)`` as one product per (b, h)."""
+    B, H, n, c, K = x.shape
+    return (x.reshape(B, H, n * c, K) @ y).view(B, H, n, c, y.shape[-1])
+
+
 def _scores(qb: Tensor, k1c: Tensor, k2b: Tensor, scale: float, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """``s (B, H, nq, c, nl)`` and ``q ⊙ k1 (B, H, nq, c, D)`` for a query block, j chunk, l range."""
     qk1 = qb[:, :, :, None, :] * k1c[:, :, None, :, :]
-    s = (qk1 @ k2b.transpose(-1, -2)[:, :, None]) * scale
+    s = _mm(qk1, k2b.transpose(-1, -2)) * scale
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     return s, qk1
+
+
+# Narrow windows: every query's own (w1, w2) window, gathered as strided views (no masked blocks).
+
+
+def _gathered(BH: int, L: int, causal: bool, w1: int, w2: int) -> int:
+    """Queries per chunk of the gathered-window path, or 0 when the blocked path is used (no window,
+    a window wider than L/2, or one query's ``w1 · w2`` scores over the budget)."""
+    if not causal or max(w1, w2) > L // 2 or BH * w1 * w2 > CPU_BUDGET:
+        return 0
+    return max(1, CPU_BUDGET // (BH * w1 * w2))
+
+
+def _windows(x: Tensor, w: int) -> tuple[Tensor, Tensor]:
+    """``(B, H, L, w, E)`` view whose row i holds ``x[i − w + 1 .. i]`` (zero rows before 0), and the
+    bool ``(L, w)`` validity of its entries."""
+    L = x.shape[2]
+    xw = torch.nn.functional.pad(x, (0, 0, w - 1, 0)).unfold(2, w, 1).transpose(-1, -2)
+    a = torch.arange(w, device=x.device)
+    valid = a[None, :] >= (w - 1 - torch.arange(L, device=x.device))[:, None]
+    return xw, valid
+
+
+def _window_scores(qc, k1w, k2w, scale):
+    """Scores ``(B, H, nq, w1, w2)`` of a query chunk over its windows (-inf outside the sequence)
+    and ``q ⊙ k1 (B, H, nq, w1, D)``; k1w / k2w are ``(view, valid)`` pairs sliced to the chunk."""
+    (k1v, ok1), (k2v, ok2) = k1w, k2w
+    qk1 = qc[:, :, :, None, :] * k1v
+    s = (qk1 @ k2v.transpose(-1, -2)) * scale
+    return s.masked_fill(~(ok1[:, :, None] & ok2[:, None, :]), float("-inf")), qk1
+
+
+def _fwd_gathered(q, k1, k2, v1, v2, scale, w1, w2, nq):
+    B, H, L, _ = q.shape
+    K1, K2, V1, V2 = _windows(k1, w1), _windows(k2, w2), _windows(v1, w1)[0], _windows(v2, w2)[0]
+    out = torch.empty(B, H, L, v1.shape[3], dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, L, dtype=q.dtype, device=q.device)
+    for i0 in range(0, L, nq):
+        c = slice(i0, min(L, i0 + nq))
+        s, _ = _window_scores(q[:, :, c], (K1[0][:, :, c], K1[1][c]), (K2[0][:, :, c], K2[1][c]), scale)
+        lse[:, :, c] = s.flatten(-2).logsumexp(-1)  # j = l = i is always visible: finite
+        p = torch.exp(s - lse[:, :, c, None, None])
+        out[:, :, c] = ((p @ V2[:, :, c]) * V1[:, :, c]).sum(3)
+    return out, lse
+
+
+def _bwd_gathered(do, q, k1, k2, v1, v2, lse, delta, scale, w1, w2, nq):
+    B, H, L, D = q.shape
+    K1, K2, V1, V2 = _windows(k1, w1), _windows(k2, w2), _windows(v1, w1)[0], _windows(v2, w2)[0]
+    dq = torch.empty_like(q)
+    # Window gradients land on padded key positions: row i, window slot a is padded index i + a.
+    dk1, dk2 = (q.new_zeros(B, H, L + w - 1, D) for w in (w1, w2))
+    dv1, dv2 = (q.new_zeros(B, H, L + w - 1, v1.shape[3]) for w in (w1, w2))
+    for i0 in range(0, L, nq):
+        i1 = min(L, i0 + nq)
+        c = slice(i0, i1)
+        qc, doc = q[:, :, c], do[:, :, c]
+        k1c, k2c, v1c, v2c = K1[0][:, :, c], K2[0][:, :, c], V1[:, :, c], V2[:, :, c]
+        s, qk1 = _window_scores(qc, (k1c, K1[1][c]), (k2c, K2[1][c]), scale)
+        p = torch.exp(s - lse[:, :, c, None, None])
+        dov1 = doc[:, :, :, None, :] * v1c  # (B, H, nq, w1, Dv)
+        ds = p * (dov1 @ v2c.transpose(-1, -2) - delta[:, :, c, None, None])
+        t = ds @ k2c  # (B, H, nq, w1, D)
+        dq[:, :, c] = (t * k1c).sum(3) * scale
+        g1 = (t * qc[:, :, :, None, :] * scale, (p @ v2c) * doc[:, :, :, None, :])  # dk1, dv1 windows
+        g2 = ((ds.transpose(-1, -2) @ qk1) * scale, p.transpose(-1, -2) @ dov1)  # dk2, dv2 windows
+        for w, (gk, gv), (dk, dv) in ((w1, g1, (dk1, dv1)), (w2, g2, (dk2, dv2))):
+            for a in range(w):
+                dk[:, :, i0 + a:i1 + a] += gk[:, :, :, a]
+                dv[:, :, i0 + a:i1 + a] += gv[:, :, :, a]
+    return dq, dk1[:, :, w1 - 1:], dk2[:, :, w2 - 1:], dv1[:, :, w1 - 1:], dv2[:, :, w2 - 1:]
 
 
 def _cpu_fwd(q, k1, k2, v1, v2, scale, causal, w1, w2):
@@ -181,6 +258,9 @@ def _cpu_fwd(q, k1, k2, v1, v2, scale, causal, w1, w2):
     q, k1, k2, v1, v2 = (t.to(acc) for t in (q, k1, k2, v1, v2))
     B, H, Lq, _ = q.shape
     L1, L2, Dv = k1.shape[2], k2.shape[2], v1.shape[3]
+    nq = _gathered(B * H, Lq, causal, w1, w2)
+    if nq:
+        return _fwd_gathered(q, k1, k2, v1, v2, scale, w1, w2, nq)
     out = torch.zeros(B, H, Lq, Dv, dtype=acc, device=q.device)
     lse = torch.full((B, H, Lq), float("-inf"), dtype=acc, device=q.device)
     bq, cj = _plan(B * H, Lq, L1, L2, causal, w1, w2)
@@ -197,7 +277,7 @@ def _cpu_fwd(q, k1, k2, v1, v2, scale, causal, w1, w2):
             alpha = torch.exp(m - m_safe)
             total = total * alpha + p.sum((-1, -2))
             # Σ_{j,l} p·(v1[j] ⊙ v2[l]) = Σ_j v1[j] ⊙ (p[:, j] @ v2)
-            pv = (p @ v2b[:, :, None]) * v1[:, :, None, j0:j1]
+            pv = _mm(p, v2b) * v1[:, :, None, j0:j1]
             o = o * alpha[..., None] + pv.sum(3)
             m = m_new
         seen = total > 0
@@ -215,6 +295,10 @@ def _cpu_bwd(dout, q, k1, k2, v1, v2, out, lse, scale, causal, w1, w2):
     lse = torch.where(torch.isinf(lse), float("inf"), lse.to(acc))
     B, H, Lq, _ = q.shape
     L1, L2 = k1.shape[2], k2.shape[2]
+    nq = _gathered(B * H, Lq, causal, w1, w2)
+    if nq:
+        grads = _bwd_gathered(do, q, k1, k2, v1, v2, lse, delta, scale, w1, w2, nq)
+        return tuple(g.to(dt) for g, dt in zip(grads, dtypes))
     dq, dk1, dk2, dv1, dv2 = (torch.zeros_like(t) for t in (q, k1, k2, v1, v2))
     bq, cj = _plan(B * H, Lq, L1, L2, causal, w1, w2)
     for i0, i1, la, lb, chunks in _blocks(Lq, L1, L2, causal, w1, w2, bq, cj, q.device):
@@ -226,15 +310,15 @@ def _cpu_bwd(dout, q, k1, k2, v1, v2, out, lse, scale, causal, w1, w2):
             s, qk1 = _scores(qb, k1c, k2b, scale, mask)
             p = torch.exp(s - lb_)  # (B, H, nq, c, nl)
             dov1 = dob[:, :, :, None, :] * v1c[:, :, None]  # (B, H, nq, c, Dv)
-            dp = dov1 @ v2b.transpose(-1, -2)[:, :, None]
+            dp = _mm(dov1, v2b.transpose(-1, -2))
             ds = p * (dp - db_)
-            t = ds @ k2b[:, :, None]  # Σ_l dS·k2[l]: (B, H, nq, c, D)
+            t = _mm(ds, k2b)  # Σ_l dS·k2[l]: (B, H, nq, c, D)
             dq[:, :, i0:i1] += (t * k1c[:, :, None]).sum(3) * scale
             dk1[:, :, j0:j1] += (t * qb[:, :, :, None]).sum(2) * scale
             c = j1 - j0
             dk2[:, :, la:lb] += (ds.reshape(B, H, nq * c, nl).transpose(-1, -2)
                                  @ qk1.reshape(B, H, nq * c, -1)) * scale
-            u = p @ v2b[:, :, None]  # Σ_l P·v2[l]: (B, H, nq, c, Dv)
+            u = _mm(p, v2b)  # Σ_l P·v2[l]: (B, H, nq, c, Dv)
             dv1[:, :, j0:j1] += (u * dob[:, :, :, None]).sum(2)
             dv2[:, :, la:lb] += p.reshape(B, H, nq * c, nl).transpose(-1, -2) @ dov1.reshape(B, H, nq * c, -1)
     return tuple(g.to(dt) for g, dt in zip((dq, dk1, dk2, dv1, dv2), dtypes))

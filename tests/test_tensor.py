@@ -152,6 +152,14 @@ def test_triton_empty_keys_give_zeros(triton_kernels):
     assert torch.equal(out, torch.zeros(1, 1, 5, 4)) and bool(torch.isneginf(lse).all())
 
 
+def test_cpu_gathered_windows_in_query_chunks(torch_kernels, monkeypatch):
+    """Narrow windows take the gathered-window path; a budget of 5 queries per chunk splits it."""
+    c = Case(1, 2, 40, 16, window=(7, 4))
+    monkeypatch.setattr(tensor_mod, "CPU_BUDGET", 2 * 7 * 4 * 5)
+    assert tensor_mod._gathered(2, 40, True, 7, 4) == 5
+    _check_case(c)
+
+
 def test_float64_matches_reference_closely(torch_kernels):
     c = Case(1, 2, 30, 8, window=(6, 11))
     xs = _inputs(c, torch.float64)
