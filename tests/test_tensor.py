@@ -91,6 +91,8 @@ SLOW_CASES = [
     Case(2, 2, 64, 32, L1=64, L2=48),
     Case(1, 2, 64, 24, Dv=20, causal=True),
     Case(1, 2, 64, 16, window=(17, 40)),
+    Case(1, 2, 128, 32, window=(32, 8)),
+    Case(1, 1, 100, 16, causal=True),
 ]
 @pytest.fixture
 def triton_kernels():
@@ -143,6 +145,21 @@ def test_triton_interpreter_small_tiles(c, triton_kernels, small_tiles):
 @pytest.mark.parametrize("c", SLOW_CASES, ids=lambda c: c.id)
 def test_triton_interpreter_slow(c, triton_kernels):
     _check_case(c)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("c", [Case(2, 4, 128, 64, causal=True), Case(2, 2, 96, 32, L1=80, L2=112)],
+                         ids=lambda c: c.id)
+def test_cpu_executor_slow(c, torch_kernels):
+    _check_case(c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_triton_low_precision(dtype, triton_kernels):
+    xs = [x.detach() for x in _inputs(Case(1, 1, 20, 16, window=(6, 4)))]
+    ref = tensor_attention_reference(*xs, window=(6, 4))
+    out = tensor_attention(*(x.to(dtype) for x in xs), window=(6, 4))
+    assert out.dtype == dtype and rel_err(out, ref) <= 2e-2
 
 
 def test_triton_empty_keys_give_zeros(triton_kernels):
