@@ -53,9 +53,27 @@ class OptimizedModel(nn.Module):
         if self.capture != "dynamo":
             return self._runner(*args)
         before = C.graph_break_count()
-        out = self._runner(*args, **kwargs)
+        try:
+            out = self._runner(*args, **kwargs)
+        except torch._dynamo.exc.TorchRuntimeError:
+            # Dynamo failed while running the model on fake tensors: almost always inputs the model
+            # cannot take (a wrong shape or dtype). Nothing real has run yet; run the model itself so
+            # the error is the model's own, naming its op and shapes, as without attncomp.
+            self._raise_eager_error(args, kwargs)
+            raise
         self.graph_breaks += C.graph_break_count() - before
         return out
+
+    def _raise_eager_error(self, args: tuple, kwargs: dict) -> None:
+        """Run the wrapped model eagerly on inputs Dynamo could not trace; its error (if any) is raised
+        with a note that the inputs do not fit the model. Returns when the eager model accepts them."""
+        try:
+            self.model(*args, **kwargs)
+        except Exception as e:
+            note = "attncomp: the optimized model cannot run these inputs; the original model raises the same error"
+            if hasattr(e, "add_note"):
+                e.add_note(note)
+            raise e from None
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):

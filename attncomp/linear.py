@@ -254,14 +254,14 @@ linear_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, decay: Tensor | None, causal: bool, chunk: int) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be 4-D (B, H, L, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    if q.shape != k.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"incompatible shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}: q and k "
-                         "must be (B, H, L, D), v (B, H, L, Dv)")
-    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
-        raise TypeError(f"q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    from . import validate
+
+    try:
+        validate.check_qkv(q, k, v, name_prefix="linear_attention: ", gqa=False, same_length=True)
+    except ValueError as e:  # mismatched axes: say so first
+        raise ValueError(f"incompatible shapes: {e}" if "axis" in str(e) else str(e)) from None
+    if isinstance(chunk, bool) or not isinstance(chunk, int):
+        raise TypeError(f"chunk must be an int, got {type(chunk).__name__}")
     if int(chunk) < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if decay is None:
@@ -269,9 +269,9 @@ def _check(q: Tensor, k: Tensor, v: Tensor, decay: Tensor | None, causal: bool, 
     if not causal:
         raise ValueError("decay needs causal=True (the decayed state S_t = decay·S_{t-1} + φ(k_t)ᵀv_t "
                          "is defined over past positions only)")
-    if not isinstance(decay, Tensor) or decay.shape != (q.shape[1],):
-        raise ValueError(f"decay must be a tensor of shape (H,) = ({q.shape[1]},), got "
-                         f"{tuple(decay.shape) if isinstance(decay, Tensor) else type(decay).__name__}")
+    if not isinstance(decay, Tensor) or decay.shape != (q.shape[1],) or not decay.is_floating_point():
+        raise ValueError(f"decay must be a float tensor of shape (H,) = ({q.shape[1]},), got "
+                         f"{(tuple(decay.shape), decay.dtype) if isinstance(decay, Tensor) else type(decay).__name__}")
     if not bool(((decay > 0) & (decay <= 1)).all()):
         raise ValueError("decay values must lie in (0, 1]")
 

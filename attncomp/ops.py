@@ -108,7 +108,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, keep: Tensor | None
     """
     from . import validate
 
-    B, Hq, _, Lq, Lk, D, _ = validate.check_qkv(q, k, v, kernel_limit=use_triton(q))
+    B, Hq, _, Lq, Lk, D, _ = validate.check_qkv(q, k, v)
     validate.check_keep(keep, (B, Hq, Lq, Lk), q)
     validate.check_additive(bias, (B, Hq, Lq, Lk), q)
     expr = _check_mask(mask)
@@ -141,10 +141,10 @@ def routed_attention(q: Tensor, k: Tensor, v: Tensor, region: int = 64, topk: in
     """
     from . import validate
 
-    validate.check_qkv(q, k, v, kernel_limit=use_triton(q))
+    validate.check_qkv(q, k, v)
     scale = validate.check_scale(scale)
     if validate.is_empty(q, k, v):
-        routing._check(q[..., :1, :], k[..., :1, :], region, topk)  # region / topk are still checked
+        routing.check_params(region, topk)
         out, _ = torch.ops.attncomp.dense_fwd(q, k, v, None, 1.0, None, 0.0)
         return out
     table = routing.routed_block_table(q, k, region, topk)
@@ -199,12 +199,7 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, kernel_size, dilatio
     Returns:
         ``(B, *spatial, H, Dv)``.
     """
-    if q.dim() < 4 or q.dim() > 6:
-        raise ValueError(f"q must be (B, *spatial, H, D) with 1-3 spatial axes, got shape {tuple(q.shape)}")
-    spatial = tuple(q.shape[1:-2])
-    if tuple(k.shape[1:-2]) != spatial or tuple(v.shape[1:-2]) != spatial:
-        raise ValueError(f"q, k, v must share the spatial shape; got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
+    spatial = _check_grid_qkv(q, k, v)
     mask = neighborhood_mask(spatial, kernel_size, dilation, stride, is_causal)
     q_tile, kv_tile, blocks_mn = _layout(spatial, use_triton(q))
     if q_tile is not None:
@@ -216,6 +211,29 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, kernel_size, dilatio
     out = attention(heads_first(q, q_tile), heads_first(k, kv_tile), heads_first(v, kv_tile), mask, scale=scale,
                     blocks_mn=blocks_mn)
     return _from_tiles(out.transpose(1, 2), spatial, q_tile)
+
+
+def _check_grid_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
+    """q, k, v in NATTEN's layout ``(B, *spatial, H, D)``: the same batch and spatial extents, k's head dim
+    equal to q's, ``H % Hkv == 0``; returns ``spatial``. Messages name the argument and the layout."""
+    from . import validate
+
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        validate.check_tensor(x, name)
+        if not 4 <= x.dim() <= 6:
+            raise ValueError(f"{name} must be (B, *spatial, H, D) with 1-3 spatial axes, got shape {tuple(x.shape)}")
+    spatial = tuple(q.shape[1:-2])
+    if tuple(k.shape[:-2]) != tuple(q.shape[:-2]) or tuple(v.shape[:-2]) != tuple(q.shape[:-2]):
+        raise ValueError(f"q, k and v must have the same batch and spatial extents (B, *spatial, H, D): q is "
+                         f"{tuple(q.shape)}, k is {tuple(k.shape)}, v is {tuple(v.shape)}")
+    # the remaining checks (dtype, device, head dims, heads) on the (B, H, L, D) view, with this layout's names
+    heads_first = [x.flatten(1, -3).transpose(1, 2) for x in (q, k, v)]
+    try:
+        validate.check_qkv(*heads_first)
+    except ValueError as e:
+        raise ValueError(f"{e} [(B, H, L, D) view of q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                         "given as (B, *spatial, H, D)]") from None
+    return spatial
 
 
 def _layout(spatial: tuple[int, ...], triton: bool):
@@ -266,7 +284,7 @@ def _from_tiles(x: Tensor, spatial, tile) -> Tensor:
 def block_attention(q: Tensor, k: Tensor, v: Tensor, window, scale: float | None = None) -> Tensor:
     """Swin / MaxViT block attention: non-overlapping ``window`` tiles attend within themselves.
     Layout as :func:`neighborhood_attention`; each extent must be a multiple of its window."""
-    spatial = tuple(q.shape[1:-2])
+    spatial = _check_grid_qkv(q, k, v)
     w = _per_axis(window, len(spatial), "window")
     if any(X % x for X, x in zip(spatial, w)):
         raise ValueError(f"spatial extents {spatial} must be multiples of the window {w}")
@@ -276,7 +294,7 @@ def block_attention(q: Tensor, k: Tensor, v: Tensor, window, scale: float | None
 def grid_attention(q: Tensor, k: Tensor, v: Tensor, grid, scale: float | None = None) -> Tensor:
     """MaxViT grid attention: a ``grid`` of tokens spaced ``extent // grid`` apart attend to each other
     (dilated neighborhood with kernel = stride = grid). Extents must be multiples of ``grid``."""
-    spatial = tuple(q.shape[1:-2])
+    spatial = _check_grid_qkv(q, k, v)
     g = _per_axis(grid, len(spatial), "grid")
     if any(X % x for X, x in zip(spatial, g)):
         raise ValueError(f"spatial extents {spatial} must be multiples of the grid {g}")
@@ -288,6 +306,6 @@ def halo_attention(q: Tensor, k: Tensor, v: Tensor, block, halo, scale: float | 
     """Blocked attention with a halo (HaloNet-style): each ``block`` of queries attends to its block
     grown by ``halo`` on every side (neighborhood with kernel = block + 2·halo, stride = block; at the
     borders the window is shifted inwards, not zero-padded)."""
-    spatial = tuple(q.shape[1:-2])
+    spatial = _check_grid_qkv(q, k, v)
     b, h = _per_axis(block, len(spatial), "block"), _per_axis(halo, len(spatial), "halo")
     return neighborhood_attention(q, k, v, kernel_size=tuple(x + 2 * y for x, y in zip(b, h)), stride=b, scale=scale)

@@ -27,12 +27,17 @@ from torch import Tensor
 from . import blocks
 
 
-def _check(q: Tensor, k: Tensor, region, topk) -> None:
+def check_params(region, topk) -> None:
+    """``region`` and ``topk`` must be ints >= 1."""
     for name, val in (("region", region), ("topk", topk)):
         if isinstance(val, bool) or not isinstance(val, int):
             raise TypeError(f"{name} must be an int, got {type(val).__name__} {val!r}")
         if val < 1:
             raise ValueError(f"{name} must be >= 1, got {val}")
+
+
+def _check(q: Tensor, k: Tensor, region, topk) -> None:
+    check_params(region, topk)
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q and k must be 4-D (B, H, L, D); got {tuple(q.shape)}, {tuple(k.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:

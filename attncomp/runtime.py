@@ -77,8 +77,19 @@ def _cpu_fused_ok(q: Tensor, softcap: float, causal_offset) -> bool:
     return q.device.type == "cpu" and softcap == 0.0 and causal_offset in (None, 0)
 
 
+def _nonfinite(*ts) -> bool:
+    return not all(bool(torch.isfinite(t).all()) for t in ts if t is not None)
+
+
 def _cpu_fwd(q, k, v, bias, scale, causal_offset, softcap):
     groups = q.shape[1] // k.shape[1]
+    if _nonfinite(q, k):
+        # NaN / Inf scores: softmax as eager computes it (torch's fused kernel gives a row whose visible
+        # scores are all -inf lse 0, not -inf, and rows with +inf scores zeros, not NaN)
+        s = math_scores(q, k, bias, scale, causal_offset, softcap)
+        lse = torch.logsumexp(s, -1)
+        p = torch.softmax(s, -1).masked_fill(torch.isneginf(lse)[..., None], 0.0)
+        return (p @ _repeat_kv(v, groups).to(p.dtype)).to(q.dtype), lse.float()
     if _cpu_fused_ok(q, softcap, causal_offset) and k.shape[-1] == v.shape[-1]:
         kk, vv = _repeat_kv(k, groups), _repeat_kv(v, groups)
         mask = None if bias is None else bias.to(q.dtype).expand(
@@ -97,6 +108,12 @@ def _cpu_fwd(q, k, v, bias, scale, causal_offset, softcap):
 def dense_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
               causal_offset: int | None, softcap: float) -> tuple[Tensor, Tensor]:
     """Dense attention forward; see the module docstring for shapes. Returns (out, lse)."""
+    from . import validate
+
+    validate.check_qkv(q, k, v, name_prefix="dense_fwd: ")
+    validate.check_additive(bias, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), q, "dense_fwd: bias")
+    if validate.is_empty(q, k, v):  # zero-size inputs: zeros and lse = -inf (validate.empty_result)
+        return validate.empty_result(q, v)
     if use_triton(q):
         from . import triton_dense
         out, lse = triton_dense.dense_fwd(q, k, v, bias, scale, causal_offset, softcap)
@@ -154,6 +171,11 @@ def dense_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None
               lse: Tensor, scale: float, causal_offset: int | None, softcap: float,
               want_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dbias) of :func:`dense_fwd`; dbias is empty unless ``want_dbias``."""
+    from . import validate
+
+    if validate.is_empty(q, k, v):  # nothing was attended to: every gradient is zero
+        db = torch.zeros_like(bias) if want_dbias and bias is not None else q.new_empty(0)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), db
     if use_triton(q):
         from . import triton_dense
         dq, dk, dv, db = triton_dense.dense_bwd(dout, q, k, v, bias, out, lse, scale, causal_offset,

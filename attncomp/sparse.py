@@ -27,6 +27,7 @@ import functools
 import torch
 from torch import Tensor
 
+from . import validate
 from .blocks import _LRU, BlockTable, eval_expr
 from .runtime import _repeat_kv, use_triton
 
@@ -156,12 +157,12 @@ def cpu_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tens
             grouped = _heads_to_group(vis, Hkv, G)
             if static:
                 mask, empty = _VIS.get_or((*key, "flash", acc, G),
-                                          functools.partial(_flash_mask, grouped, B, Hkv, G, acc))
+                                          functools.partial(_flash_mask, grouped, B, Hkv, G, block_m, acc))
             else:
-                mask, empty = _flash_mask(grouped, B, Hkv, G, acc)
+                mask, empty = _flash_mask(grouped, B, Hkv, G, block_m, acc)
             if bias4 is not None:
                 bt = _gather_tiles(bias4, ib, q0, nq, block_m, block_n)  # (B', H', nq, bm, K*bn)
-                mask = mask + _flash_layout(_heads_to_group(bt, Hkv, G), B, Hkv, G)
+                mask = mask + _flash_layout(_heads_to_group(bt, Hkv, G), B, Hkv, G, block_m)
             qf = qg[:, :, q0:q0 + nq].permute(2, 0, 1, 3, 4).reshape(nq, B * Hkv, G * block_m, D)
             kf = kg.permute(2, 0, 1, 3, 4).reshape(nq, B * Hkv, K * block_n, D)
             vf = vg.permute(2, 0, 1, 3, 4).reshape(nq, B * Hkv, K * block_n, Dv)
@@ -271,19 +272,22 @@ def _visibility(mask_expr, ib, fb, vb, keep4, q0, nq, Lk, block_m, block_n) -> T
     return valid & (full | vis)
 
 
-def _flash_layout(t: Tensor, B: int, Hkv: int, G: int) -> Tensor:
-    """``(B'|1, Hkv|1, nq, G|1, bm, S)`` → ``(nq, 1 | B·Hkv, G·bm, S)``, the fused kernel's mask layout
-    (batch = query blocks, heads = batch × kv heads, rows = the group's queries)."""
+def _flash_layout(t: Tensor, B: int, Hkv: int, G: int, block_m: int) -> Tensor:
+    """``(B'|1, Hkv|1, nq, G|1, bm|1, S)`` → ``(nq, 1 | B·Hkv, G·bm, S)``, the fused kernel's mask layout
+    (batch = query blocks, heads = batch × kv heads, rows = the group's queries). A row axis of 1 (a
+    visibility that does not depend on the query) stays 1 without GQA and is expanded to ``block_m``
+    with it, since the group's heads are stacked along the rows."""
     lead = (1, 1) if t.shape[:2] == (1, 1) else (B, Hkv)
-    t = t.expand(*lead, t.shape[2], G, *t.shape[4:])
+    rows = t.shape[4] if G == 1 else block_m
+    t = t.expand(*lead, t.shape[2], G, rows, t.shape[5])
     nq, bm, S = t.shape[2], t.shape[4], t.shape[5]
     return t.permute(2, 0, 1, 3, 4, 5).reshape(nq, lead[0] * lead[1], G * bm, S)
 
 
-def _flash_mask(vis: Tensor, B: int, Hkv: int, G: int, dtype) -> tuple[Tensor, Tensor]:
+def _flash_mask(vis: Tensor, B: int, Hkv: int, G: int, block_m: int, dtype) -> tuple[Tensor, Tensor]:
     """Additive mask (0 / -inf) for the fused kernel and the rows that see nothing (the kernel's lse
-    is not -inf for those), from grouped visibility ``(B'|1, Hkv|1, nq, G|1, bm, S)``."""
-    v = _flash_layout(vis, B, Hkv, G)
+    is not -inf for those), from grouped visibility ``(B'|1, Hkv|1, nq, G|1, bm|1, S)``."""
+    v = _flash_layout(vis, B, Hkv, G, block_m)
     mask = torch.zeros((), dtype=dtype, device=vis.device).masked_fill(~v, float("-inf"))
     return mask, ~v.any(-1)
 
@@ -322,6 +326,9 @@ def sparse_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tenso
                block_n: int) -> tuple[Tensor, Tensor]:
     """Block-sparse attention forward; see the module docstring (the table's eight index tensors, in
     ``BlockTable.tensors`` order). Returns (out, lse)."""
+    validate.check_qkv(q, k, v, name_prefix="sparse_fwd: ")
+    if validate.is_empty(q, k, v):  # zero-size inputs: zeros and lse = -inf (validate.empty_result)
+        return validate.empty_result(q, v)
     if use_triton(q):
         from . import triton_sparse
         table = _table(kv_num, kv_idx, full_num, full_idx, block_m, block_n, q.shape[2], k.shape[2],
@@ -347,6 +354,9 @@ def sparse_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Non
                mask_expr: str, block_m: int, block_n: int,
                want_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dbias) of :func:`sparse_fwd`; dbias is empty unless ``want_dbias``."""
+    if validate.is_empty(q, k, v):  # nothing was attended to: every gradient is zero
+        db = torch.zeros_like(bias) if want_dbias else q.new_empty(0)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), db
     if use_triton(q):
         from . import triton_sparse
         table = _table(kv_num, kv_idx, full_num, full_idx, block_m, block_n, q.shape[2], k.shape[2],
