@@ -3,7 +3,11 @@
 Every decision is made in Python and reaches a template as an UPPER_CASE flag; templates
 only use ``{% if FLAG %}``. Rendered source is content-hashed and written once to
 ``$ATTNCOMP_CACHE_DIR`` (default ``~/.cache/attncomp/kernels``) because ``@triton.jit``
-reads a kernel's source from its file. Imported modules are memoised per
+reads a kernel's source from its file. Files are written atomically (temporary file, then
+``os.replace``), so a process killed while writing leaves the previous file or none; a cached
+file that does not hold the source its name hashes (truncated, edited, another version) is
+rewritten, and an unwritable cache directory is replaced by a temporary one, each with one
+``RuntimeWarning``. Imported modules are memoised per
 (template, flags, interpreter mode), so asking for the same kernel twice renders and
 imports nothing.
 """
@@ -16,6 +20,7 @@ import os
 import sys
 import tempfile
 import threading
+import warnings
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -76,10 +81,63 @@ def render(template_name: str, **flags: object) -> str:
 
 
 def cache_dir() -> Path:
-    """Directory for rendered kernel files, created on demand."""
+    """Directory for rendered kernel files, created on demand. When it cannot be created, a private
+    temporary directory for this process is used instead (one ``RuntimeWarning``)."""
     path = Path(os.environ.get("ATTNCOMP_CACHE_DIR") or "~/.cache/attncomp/kernels").expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    except OSError as e:
+        return _fallback_dir(f"cannot create the kernel cache directory {path} ({e})")
+
+
+_FALLBACK: dict[str, Path] = {}
+_WARNED: set[str] = set()
+
+
+def _warn_once(tag: str, msg: str) -> None:
+    if tag not in _WARNED:
+        _WARNED.add(tag)
+        warnings.warn(f"attncomp codegen: {msg}", RuntimeWarning, stacklevel=4)
+
+
+def _fallback_dir(why: str) -> Path:
+    """This process's private kernel directory (a fresh temporary one), after warning once why."""
+    if "dir" not in _FALLBACK:
+        _FALLBACK["dir"] = Path(tempfile.mkdtemp(prefix="attncomp-kernels-"))
+    _warn_once(why, f"{why}; writing generated kernels to {_FALLBACK['dir']} for this process")
+    return _FALLBACK["dir"]
+
+
+def _cached_source(path: Path) -> str | None:
+    """The text of a cached kernel file, or None when it is missing or unreadable."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        _warn_once(f"read:{path}", f"ignoring unreadable kernel cache file {path} ({type(e).__name__}: {e})")
+        return None
+
+
+def _store(path: Path, source: str) -> Path:
+    """The file holding ``source`` (named by its hash): ``path`` when it already does, else ``path``
+    rewritten atomically. A file whose text differs (truncated, edited, another version) is replaced
+    with a warning; when ``path`` cannot be written the kernel goes to the fallback directory."""
+    current = _cached_source(path)
+    if current == source:
+        return path
+    if current is not None:
+        _warn_once(f"stale:{path}", f"kernel cache file {path} does not hold the source its name hashes "
+                                    "(truncated, edited or from another version); rewriting it")
+    try:
+        _write_atomic(path, source)
+        return path
+    except OSError as e:
+        alt = _fallback_dir(f"cannot write the kernel cache file {path} ({e})") / path.name
+        if _cached_source(alt) != source:
+            _write_atomic(alt, source)
+        return alt
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -112,9 +170,7 @@ def load_kernel_module(template_name: str, **flags: object) -> ModuleType:
             return module
         source = render(stem, **flags)
         digest = hashlib.sha256(source.encode("utf-8")).hexdigest()[:16]
-        path = cache_dir() / f"{stem}_{digest}.py"
-        if not path.is_file() or path.read_text(encoding="utf-8") != source:
-            _write_atomic(path, source)
+        path = _store(cache_dir() / f"{stem}_{digest}.py", source)
         name = f"attncomp._kernels.{stem}_{digest}" + ("_interp" if key[2] else "")
         spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:
