@@ -39,7 +39,7 @@ from .runtime import use_triton
 __all__ = ["tensor_attention", "tensor_attention_reference"]
 
 # Elements of one CPU score block (B·H·queries·keys j·keys l): bounds the executor's working memory.
-CPU_BUDGET = 1 << 22
+CPU_BUDGET = 1 << 20  # 4 MiB of f32 scores: measured faster than larger blocks (cache)
 
 
 # ------------------------------------------------------------------------------------------------
