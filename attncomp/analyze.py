@@ -124,14 +124,23 @@ class MaskUse:
     proof: str
 
 
-def recognise_masks(site: Site, spec: AttentionSpec) -> tuple[list, list[MaskUse]] | str:
+def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None) -> tuple[list, list[MaskUse]] | str:
     """Replace the proven mask steps of ``site.steps`` by ``("mask", i)`` (``i`` indexes the returned
-    uses); returns (new steps, uses).
+    uses); returns (new steps, uses). ``memo`` (one dict per graph rewrite) reuses the proof of a mask
+    node shared by several sites — transformers builds one mask and every layer reads it.
 
     Every ``masked_fill`` / ``where`` / bool SDPA mask must be proved, else nothing is (the reason is
     returned and the masks stay on the folded-bias path); an ``add`` is a proven mask when its term
     is an additive mask built in the graph, and otherwise stays as a bias term."""
-    from .mask_analysis import analyze_mask
+    from .mask_analysis import analyze_mask as _analyze
+
+    memo = {} if memo is None else memo
+
+    def analyze_mask(node, Lq: int, Lk: int, negate: bool = False):
+        key = (node, Lq, Lk, negate)
+        if key not in memo:
+            memo[key] = _analyze(node, Lq, Lk, negate=negate)
+        return memo[key]
 
     Lq, Lk = spec.dims.Lq, spec.dims.Lk
     if Lq is None or Lk is None:

@@ -84,6 +84,7 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list) -> fx.GraphModul
     from attncomp.passes import plan_site
 
     found = find_sites(gm)
+    memo: dict = {}  # mask proofs by node: one mask is usually read by every layer
     for i, site in enumerate(found):
         if isinstance(site, Miss):
             records.append(SiteRecord(site.module_path, site.rule, "left", site.reason))
@@ -102,7 +103,7 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list) -> fx.GraphModul
             records.append(SiteRecord(site.module_path, site.rule, "left", why, spec))
             continue
         uses, note = [], ()
-        rec = recognise_masks(site, spec)
+        rec = recognise_masks(site, spec, memo)
         if isinstance(rec, str):
             note = (f"mask kept as a tensor: {rec}",) if spec.mask != Full() and not _causal_only(spec) else ()
         else:
