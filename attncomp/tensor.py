@@ -130,7 +130,11 @@ def tensor_attention_reference(q: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2
 
 
 # ------------------------------------------------------------------------------------------------
-# CPU executor: query blocks × key-j chunks, online softmax; never more than CPU_BUDGET scores
+# CPU executor (no score cube; at most CPU_BUDGET scores at a time). Two paths:
+#  * blocked (no window, or a wide one): query blocks × chunks of keys j × all visible keys l, an
+#    online softmax across the j chunks; the products are matmuls, s(i, j, ·) = (q_i ⊙ k1_j) · k2ᵀ.
+#  * gathered (windows up to L/2): each query's own (w1, w2) window of k1 / k2 as strided views,
+#    a plain softmax over its w1·w2 pairs, in chunks of queries (no masked pairs but the borders).
 # ------------------------------------------------------------------------------------------------
 
 
