@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import autotune
 from . import capture as C
 from .backend import AttncompBackend
 from .rewrite import SiteRecord, rewrite
@@ -129,6 +130,7 @@ class Report:
     capture: str = "dynamo"
     graph_breaks: int = 0
     graphs: int = 0
+    autotune_failures: list[dict] = field(default_factory=list)  # failed candidates (autotune.FAILURES)
 
     @property
     def replaced(self) -> list[SiteRecord]:
@@ -164,6 +166,12 @@ class Report:
         if self.graphs > 1:
             out.append("(Dynamo compiled several graphs — e.g. new shapes or grad modes — and each row shows "
                        "the site in the most recent one)")
+        if self.autotune_failures:
+            out.append(f"autotune: {len(self.autotune_failures)} candidate config(s) failed in this process "
+                       "and were scored infinity (the others, or the heuristic, were used):")
+            for f in self.autotune_failures:
+                cfg = " ".join(f"{k}={v}" for k, v in f["config"].items())
+                out.append(f"  {f['kernel']} [{cfg}] at {f['bucket']}: {f['error'][:200]}")
         return "\n".join(out)
 
 
@@ -171,5 +179,5 @@ def explain(model) -> Report:
     """The explain report of a model returned by :func:`optimize` (or a rewritten GraphModule)."""
     if isinstance(model, OptimizedModel):
         graphs = model.backend.graphs if model.capture == "dynamo" else int(model._runner is not None)
-        return Report(model.records, model.capture, model.graph_breaks, graphs)
+        return Report(model.records, model.capture, model.graph_breaks, graphs, list(autotune.FAILURES))
     raise TypeError(f"explain expects a model returned by attncomp.optimize, got {type(model).__name__}")

@@ -55,7 +55,7 @@ from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
-__all__ = ["STATS", "bucket", "cache_path", "choose", "device_info", "entries", "load_cache", "mode",
+__all__ = ["FAILURES", "STATS", "bucket", "cache_path", "choose", "device_info", "entries", "load_cache", "mode",
            "reset", "source_hash"]
 
 FORMAT, FORMAT_VERSION = "attncomp-autotune", 1
@@ -64,6 +64,9 @@ MODES = ("0", "1", "force")
 # Counters so tests (and users) can assert what happened: cache hits, kernels tuned, candidates
 # timed, candidates that failed, heuristic answers (mode 0), cache file writes.
 STATS: dict[str, int] = {"hit": 0, "tuned": 0, "candidates": 0, "failed": 0, "heuristic": 0, "writes": 0}
+# Candidates that failed in this process's tunings (``explain`` lists them): kernel, signature,
+# bucket, config, error.
+FAILURES: list[dict] = []
 
 _LOCK = threading.RLock()
 _MAIN: dict[tuple, dict] = {}      # entries of the main cache file + entries tuned in this process
@@ -297,6 +300,7 @@ def reset() -> None:
         _STATE.update(path=None, load_env=None)
         for k in STATS:
             STATS[k] = 0
+        FAILURES.clear()
 
 
 # --------------------------------------------------------------------------------------- tuning
@@ -332,6 +336,8 @@ def _tune(kernel: str, signature: dict, shape_bucket: dict, candidates: list[dic
         except Exception as e:  # a failing candidate is a data point, never fatal
             STATS["failed"] += 1
             results.append({"config": dict(cfg), "ms": None, "error": f"{type(e).__name__}: {e}"[:1000]})
+            FAILURES.append({"kernel": kernel, "signature": dict(signature), "bucket": dict(shape_bucket),
+                             "config": dict(cfg), "error": results[-1]["error"]})
     ok = [r for r in results if r["ms"] is not None]
     best = min(ok, key=lambda r: r["ms"]) if ok else None
     entry = {

@@ -255,3 +255,34 @@ def test_triton_launcher_uses_heuristic_when_off(tune_env, triton_cpu, monkeypat
     q, k, v = _qkv(24)
     triton_dense.dense_fwd(q, k, v, None, 0.25, None, 0.0)
     assert autotune.STATS["heuristic"] == 1 and autotune.STATS["tuned"] == 0 and not tune_env.exists()
+
+
+class WindowSite(torch.nn.Module):
+    """A sliding-window softmax chain (window 8, causal), mask built in forward: a sparse site."""
+
+    def forward(self, q, k, v):
+        L = q.shape[-2]
+        i = torch.arange(L)
+        keep = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 8)
+        s = (q @ k.transpose(-1, -2)) * 0.25
+        return torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ v
+
+
+def test_explain_lists_failed_candidates(tune_env, monkeypatch):
+    """A tile candidate that fails on a real site is scored infinity, the site still runs on the best
+    of the others, and explain lists the failure with its error."""
+    import attncomp
+    from attncomp.templates import sparse_configs
+
+    monkeypatch.setattr(sparse_configs, "CPU", ((-16, 32), (32, 32), (64, 64)))
+    q, k, v = (torch.randn(1, 2, 96, 16) for _ in range(3))
+    fast = attncomp.optimize(WindowSite(), example_inputs=(q, k, v))
+    torch.testing.assert_close(fast(q, k, v), WindowSite()(q, k, v), rtol=1e-5, atol=1e-5)
+    report = attncomp.explain(fast)
+    assert report.replaced[0].strategy == "local"
+    assert autotune.STATS["tuned"] >= 1 and autotune.STATS["failed"] == 1
+    (fail,) = report.autotune_failures
+    assert fail["kernel"] == "sparse_fwd" and fail["config"] == {"BLOCK_M": -16, "BLOCK_N": 32}
+    text = str(report)
+    assert "1 candidate config(s) failed" in text and "sparse_fwd [BLOCK_M=-16 BLOCK_N=32]" in text
+    assert fail["error"][:40] in text
