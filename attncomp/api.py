@@ -101,9 +101,11 @@ def optimize(model: nn.Module, strategy="auto", example_inputs=None, capture: st
             planning happen here (the model runs once on them); otherwise on the first call.
         capture: ``"dynamo"`` (default), ``"fx"`` (``symbolic_trace``) or ``"export"``.
         example_kwargs: keyword inputs to pass with ``example_inputs`` (dynamo capture).
-        tolerance: for approximate strategies (``"linear"``): the largest relative error against
-            dense attention, measured per site on the first call (``example_inputs``), above which
-            the site runs dense instead; ``explain`` reports each measured error.
+        tolerance: for approximate strategies (``"linear"``, ``Sparse(topk=…)``,
+            ``Tensor(rank=…/degree=…)``): the largest relative error against the exact computation
+            (dense attention, or the exact tensor kernel), measured per site on the first call
+            (``example_inputs``), above which the site runs exactly instead; ``explain`` reports
+            each measured error.
 
     Parameters and buffers are shared with ``model``, not copied.
     """
