@@ -96,7 +96,14 @@ def _cpu_fwd(q, k, v, bias, scale, causal_offset, softcap):
             q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, kk, vv, 0.0, causal_offset == 0, attn_mask=mask, scale=scale)
-        return out, lse.float()
+        lse = lse.float()
+        if bias is not None:  # the fused kernel gives a row with no visible key lse 0: make it -inf
+            hidden = torch.isneginf(bias.to(q.dtype))  # bias's own (broadcast) shape, not (B, H, Lq, Lk)
+            if causal_offset == 0:
+                upper = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).triu(1)
+                hidden = hidden | upper
+            lse = lse.masked_fill(hidden.all(-1), float("-inf"))
+        return out, lse
     s = math_scores(q, k, bias, scale, causal_offset, softcap)
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
@@ -132,13 +139,17 @@ def _(q, k, v, bias, scale, causal_offset, softcap):
 def _cpu_bwd(dout, q, k, v, bias, out, lse, scale, causal_offset, softcap, want_dbias):
     groups = q.shape[1] // k.shape[1]
     B, Hkv = k.shape[:2]
-    fused = _cpu_fused_ok(q, softcap, causal_offset) and k.shape[-1] == v.shape[-1] and not want_dbias
+    # float64: the math path, with lse recomputed (the op returns lse in float32, which the fused
+    # kernel's float64 backward does not take and which would cost the gradients their precision)
+    fused = (_cpu_fused_ok(q, softcap, causal_offset) and k.shape[-1] == v.shape[-1] and not want_dbias
+             and q.dtype != torch.float64)
     if fused:
         kk, vv = _repeat_kv(k, groups), _repeat_kv(v, groups)
         mask = None if bias is None else bias.to(q.dtype).expand(
             q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, kk, vv, out, lse, 0.0, causal_offset == 0, attn_mask=mask, scale=scale)
+            dout, q, kk, vv, out, lse.masked_fill(torch.isneginf(lse), 0.0), 0.0, causal_offset == 0,
+            attn_mask=mask, scale=scale)  # rows with no visible key: the kernel's own lse (0)
         dbias = None
     else:
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -148,7 +159,8 @@ def _cpu_bwd(dout, q, k, v, bias, out, lse, scale, causal_offset, softcap, want_
         if softcap:  # recompute capped scores to get dtanh
             raw = (qa @ ka.transpose(-1, -2)) * scale
             s = math_scores(q, k, bias, scale, causal_offset, softcap)
-        p = torch.exp(s - lse.to(acc)[..., None]).nan_to_num(0.0)
+        lse_acc = torch.logsumexp(s, -1) if acc == torch.float64 else lse.to(acc)
+        p = torch.exp(s - lse_acc[..., None]).nan_to_num(0.0)
         do = dout.to(acc)
         dv = p.transpose(-1, -2) @ do
         dp = do @ va.transpose(-1, -2)

@@ -324,9 +324,10 @@ FORMS = ["chain-masked_fill-min", "chain-masked_fill-inf", "chain-additive-min",
          "sdpa-additive-min", "sdpa-additive-inf"]
 
 
+@pytest.mark.parametrize("strategy", ["auto", "dense"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("form", FORMS)
-def test_fully_masked_rows_and_additive_masks_match_eager(form, dtype):
+def test_fully_masked_rows_and_additive_masks_match_eager(form, dtype, strategy):
     """Rows with every key masked give what the eager site gives — the mean of v (finfo.min fills: all
     scores equal), NaN (-inf fills through softmax) or zeros (torch SDPA) — and other rows agree."""
     q, k, v = (torch.randn(2, 2, 24, 16).to(dtype) for _ in range(3))
@@ -334,7 +335,7 @@ def test_fully_masked_rows_and_additive_masks_match_eager(form, dtype):
     keep[0, 0, 3] = False  # fully masked rows
     keep[1, 0, 10] = False
     site = MaskedSite(form)
-    fast = attncomp.optimize(site, example_inputs=(q, k, v, keep))
+    fast = attncomp.optimize(site, strategy, example_inputs=(q, k, v, keep))
     out, ref = fast(q, k, v, keep), site(q, k, v, keep)
     assert attncomp.explain(fast).replaced
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -692,3 +693,56 @@ def test_killed_while_writing_a_kernel_leaves_no_partial_file(triton_cpu, kernel
     with pytest.warns(RuntimeWarning, match="does not hold the source"):
         codegen.load_kernel_module("linear_bwd", **FEATURE_FLAGS)
     assert path.read_text() == source
+
+
+@pytest.mark.parametrize("causal", [None, 0], ids=["bias", "bias+causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["f32", "bf16", "f64"])
+def test_regression_dense_op_lse_of_rows_with_no_visible_key(dtype, causal):
+    """Regression (found by tests/test_hypothesis.py): torch's fused CPU kernel returns lse 0, not
+    -inf, for a row whose additive mask hides every key, so sites could not tell the row was empty."""
+    q, k, v = qkv(B=1, Hq=2, Hkv=1, Lq=6, Lk=6, dtype=dtype)
+    bias = torch.zeros(1, 1, 6, 6, dtype=dtype)
+    bias[..., 2, :] = -math.inf  # row 2 sees nothing
+    bias[..., 4, 0] = -math.inf  # with the causal mask, row 0 ... row 4 still sees keys 1-4
+    bias[..., 0, 0] = -math.inf  # with the causal mask, row 0 sees nothing either
+    out, lse = torch.ops.attncomp.dense_fwd(q, k, v, bias, 0.5, causal, 0.0)
+    empty = torch.tensor([True, False, True, False, False, False]) if causal == 0 else \
+        torch.tensor([False, False, True, False, False, False])
+    assert torch.equal(torch.isneginf(lse[0, 0]), empty) and not out[0, :, empty].any()
+
+
+def test_regression_float64_gradients_of_the_dense_op():
+    """Regression (found by tests/test_hypothesis.py): the CPU backward passed the float32 lse to torch's
+    fused float64 backward kernel (RuntimeError); float64 gradients are now float64-accurate."""
+    q, k, v = (t.requires_grad_() for t in qkv(B=1, Hq=2, Hkv=1, Lq=12, Lk=9, dtype=torch.float64))
+    out, _ = torch.ops.attncomp.dense_fwd(q, k, v, None, 0.4, None, 0.0)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(reference(q, k, v, scale=0.4), (q, k, v), dout)
+    assert all(rel_err(a, b) <= 1e-12 for a, b in zip(got, want))
+
+
+class CausalPaddedSite(nn.Module):
+    """Causal AND key padding (``am`` (B, Lk), 0 = padding) built in the graph, filled with -inf."""
+
+    def forward(self, q, k, v, am):
+        i = torch.arange(q.shape[-2], device=q.device)
+        keep = (i[None, :] <= i[:, None])[None, None] & am[:, None, None, :].bool()
+        s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        return torch.softmax(s.masked_fill(~keep, -math.inf), -1) @ v
+
+
+@pytest.mark.parametrize("strategy", ["auto", "dense"])
+def test_regression_fully_masked_rows_of_a_proven_mask_on_the_dense_kernel(strategy):
+    """Regression: with strategy="dense" a proven mask runs the dense kernel on the materialised mask;
+    rows the mask empties (padding before the first real key) must be NaN as in eager, not zeros."""
+    q, k, v = (torch.randn(2, 2, 16, 16) for _ in range(3))
+    am = torch.ones(2, 16, dtype=torch.long)
+    am[1, :5] = 0  # queries 0-4 of batch 1 see no key
+    site = CausalPaddedSite()
+    fast = attncomp.optimize(site, strategy, example_inputs=(q, k, v, am))
+    (row,) = attncomp.explain(fast).replaced
+    assert row.strategy == ("sparse" if strategy == "auto" else "dense") and "key_padding" in str(row.spec.mask)
+    out, ref = fast(q, k, v, am), site(q, k, v, am)
+    assert ref[1, :, :5].isnan().all()
+    assert_same_values(out, ref, 1e-5)
