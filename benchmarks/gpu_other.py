@@ -23,8 +23,8 @@ import torch.nn.functional as F
 CHUNK = 64  # linear attention's default chunk
 
 
-def _op(name: str):
-    """``attncomp.ops.<name>`` or ``(None, reason)``."""
+def entry(name: str):
+    """``attncomp.ops.<name>`` or ``(None, reason)`` when it does not exist (yet)."""
     try:
         from attncomp import ops
     except Exception as e:  # noqa: BLE001 - any import failure means "not available"
@@ -81,7 +81,7 @@ class OtherCase:
         if self.kind == "linear":
             q, k, v = rnd(B, H, L, D), rnd(B, H, L, D), rnd(B, H, L, D)
             flops = 4.0 * B * H * D * L * (CHUNK + D)
-            fn, why = _op("linear_attention")
+            fn, why = entry("linear_attention")
             if fn is None:
                 skipped["attncomp"] = why
             else:
@@ -110,7 +110,7 @@ class OtherCase:
             v1, v2 = rnd(B, H, L, D), rnd(B, H, L, D)
             triples = tensor_triples(L, self.window)
             flops = 4.0 * B * H * D * triples
-            fn, why = _op("tensor_attention")
+            fn, why = entry("tensor_attention")
             kw = {"window": self.window} if self.window else {}
             if fn is None:
                 skipped["attncomp"] = why

@@ -99,14 +99,7 @@ def clean(x):
 
 
 # ------------------------------------------------------------------------------------ entry points
-def entry(name: str):
-    """``attncomp.ops.<name>`` or ``(None, reason)`` when it does not exist (yet)."""
-    try:
-        from attncomp import ops
-    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
-        return None, f"attncomp.ops not available ({short(e)})"
-    fn = getattr(ops, name, None)
-    return (fn, "") if fn is not None else (None, f"attncomp.ops.{name} not available")
+entry = gpu_other.entry  # ``attncomp.ops.<name>`` or ``(None, reason)`` when it does not exist (yet)
 
 
 def dense_op(q, k, v, bias=None, causal_offset=None, softcap=0.0):
