@@ -63,3 +63,23 @@ def _seed_and_reset():
     torch.manual_seed(0)
     torch._dynamo.reset()
     yield
+
+
+@pytest.fixture
+def triton_kernels():
+    """Run attncomp's ops on the generated Triton kernels (Triton's interpreter on CPU tensors)."""
+    import attncomp
+
+    attncomp.set_kernels("triton")
+    yield
+    attncomp.set_kernels(None)
+
+
+@pytest.fixture
+def torch_kernels():
+    """Run attncomp's ops on the torch executors."""
+    import attncomp
+
+    attncomp.set_kernels("torch")
+    yield
+    attncomp.set_kernels(None)

@@ -215,18 +215,11 @@ def test_prune_drops_what_the_device_cannot_hold():
                                    smem_limit=1024)) == 1
 
 
-@pytest.fixture
-def triton_cpu():
-    runtime.set_kernels("triton")
-    yield
-    runtime.set_kernels(None)
-
-
 def _qkv(L, D=16, H=2):
     return [torch.randn(1, H, L, D) for _ in range(3)]
 
 
-def test_triton_launcher_tunes_once_per_bucket(tune_env, triton_cpu, monkeypatch):
+def test_triton_launcher_tunes_once_per_bucket(tune_env, triton_kernels, monkeypatch):
     # One candidate that cannot run (BLOCK_M < 16 is below tl.dot's minimum): recorded, not fatal.
     monkeypatch.setattr(dense_configs, "INTERPRETER_CANDIDATES",
                         ({"BLOCK_M": 8, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1},
@@ -250,7 +243,7 @@ def test_triton_launcher_tunes_once_per_bucket(tune_env, triton_cpu, monkeypatch
     assert codegen.STATS["import"] == imports
 
 
-def test_triton_launcher_uses_heuristic_when_off(tune_env, triton_cpu, monkeypatch):
+def test_triton_launcher_uses_heuristic_when_off(tune_env, triton_kernels, monkeypatch):
     monkeypatch.setenv("ATTNCOMP_AUTOTUNE", "0")
     q, k, v = _qkv(24)
     triton_dense.dense_fwd(q, k, v, None, 0.25, None, 0.0)

@@ -4,7 +4,6 @@ the float64 recurrent reference, forward and backward; the custom op; input erro
 import pytest
 import torch
 
-import attncomp
 from attncomp.linear import linear_attention, linear_attention_reference
 from attncomp.ops import linear_attention as exported
 from conftest import rel_err
@@ -49,20 +48,6 @@ def _check_case(case):
     refs = torch.autograd.grad(ref, (q, k, v), g)
     for name, a, b in zip("qkv", grads, refs):
         assert rel_err(a, b) <= 1e-5, name
-
-
-@pytest.fixture
-def triton_kernels():
-    attncomp.set_kernels("triton")
-    yield
-    attncomp.set_kernels(None)
-
-
-@pytest.fixture
-def torch_kernels():
-    attncomp.set_kernels("torch")
-    yield
-    attncomp.set_kernels(None)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)

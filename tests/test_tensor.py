@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import attncomp
 from attncomp import tensor as tensor_mod
 from attncomp.ops import tensor_attention as exported
 from attncomp.tensor import tensor_attention, tensor_attention_reference
@@ -94,20 +93,6 @@ SLOW_CASES = [
     Case(1, 2, 128, 32, window=(32, 8)),
     Case(1, 1, 100, 16, causal=True),
 ]
-@pytest.fixture
-def triton_kernels():
-    attncomp.set_kernels("triton")
-    yield
-    attncomp.set_kernels(None)
-
-
-@pytest.fixture
-def torch_kernels():
-    attncomp.set_kernels("torch")
-    yield
-    attncomp.set_kernels(None)
-
-
 @pytest.mark.parametrize("c", CPU_CASES, ids=lambda c: c.id)
 def test_cpu_executor(c, torch_kernels):
     _check_case(c)
