@@ -164,7 +164,7 @@ def _check(out, ref, tol, what="", floor=0.0):
 # ------------------------------------------------------------------------------------------------
 
 
-@examples(8)
+@examples(15)
 @given(data=st.data())
 def test_dense_op_matches_float64(executor, data):
     """attncomp::dense_fwd (and its backward for float32 / float64): any causal offset (rows that see no
@@ -198,7 +198,7 @@ def test_dense_op_matches_float64(executor, data):
             _check(a, b, 1e-4 if dtype == torch.float32 else 1e-9, f"d{name}", floor=1.0)
 
 
-@examples(8)
+@examples(15)
 @given(data=st.data())
 def test_masked_attention_matches_float64(executor, data):
     """attncomp.ops.attention (block-sparse, local): random static masks (causal with any offset,
@@ -225,7 +225,7 @@ def test_masked_attention_matches_float64(executor, data):
             _check(a, b, 1e-4 if dtype == torch.float32 else 1e-9, f"d{name}, mask={mask}", floor=1.0)
 
 
-@examples(8)
+@examples(15)
 @given(data=st.data())
 def test_linear_attention_matches_float64(executor, data):
     """attncomp.ops.linear_attention against its float64 recurrence: feature maps, causal or not,
