@@ -356,6 +356,19 @@ def _tune(kernel: str, signature: dict, shape_bucket: dict, candidates: list[dic
     return entry
 
 
+def _fits(config: dict, default: dict) -> bool:
+    """A cached config has every knob of ``default``, each a number where the default's is (an edited or
+    damaged cache entry would otherwise reach the kernel launcher)."""
+    for name, want in default.items():
+        got = config.get(name)
+        if isinstance(want, (int, float)) and not isinstance(want, bool):
+            if isinstance(got, bool) or not isinstance(got, (int, float)) or got <= 0:
+                return False
+        elif name not in config:
+            return False
+    return True
+
+
 def choose(kernel: str, signature: dict, shape_bucket: dict,
            candidates: list[dict] | Callable[[], list[dict]], bench: Callable[[dict], object], default: dict,
            *, device=None, version: str = "") -> dict:
@@ -385,6 +398,10 @@ def choose(kernel: str, signature: dict, shape_bucket: dict,
     with _LOCK:
         _ensure_loaded()
         hit = _MAIN.get(key) or _SHIPPED.get(key)
+        if hit is not None and not _fits(hit["config"], default):
+            _report_once(f"config:{key}", f"ignoring the cached config {hit['config']} for {kernel}: it does not "
+                                          f"have this kernel's knobs ({', '.join(sorted(default))}) as numbers")
+            hit = None
         if hit is not None and (m != "force" or key in _FORCED):
             STATS["hit"] += 1
             return dict(hit["config"])

@@ -746,3 +746,29 @@ def test_regression_fully_masked_rows_of_a_proven_mask_on_the_dense_kernel(strat
     out, ref = fast(q, k, v, am), site(q, k, v, am)
     assert ref[1, :, :5].isnan().all()
     assert_same_values(out, ref, 1e-5)
+
+
+@pytest.mark.parametrize("config", [{"y": 1}, {"x": "fast"}, {"x": -4}, {"x": True}, {"x": None}])
+def test_damaged_autotune_entry_is_ignored_and_retuned(tune_cache, config):
+    """A cache entry whose config lacks the kernel's knobs or holds non-numbers (an edited or damaged
+    file) is reported once and re-tuned, never handed to the kernel launcher."""
+    _tune(1)
+    data = json.loads(tune_cache.read_text())
+    data["entries"][0]["config"] = config
+    tune_cache.write_text(json.dumps(data))
+    autotune.reset()
+    with pytest.warns(RuntimeWarning, match="ignoring the cached config"):
+        assert _tune(1) == {"x": 1}
+    assert autotune.STATS["tuned"] == 1
+    assert json.loads(tune_cache.read_text())["entries"][0]["config"] == {"x": 1}
+
+
+def test_head_dim_over_the_kernel_maximum_in_a_model_runs_eager(triton_cpu):
+    """An optimized model's site whose head dim the Triton kernels cannot take runs its eager
+    computation, with one warning that says why."""
+    q, k, v = (torch.randn(1, 2, 16, validate.MAX_HEAD_DIM + 8) for _ in range(3))
+    site = SdpaSite("plain")
+    with pytest.warns(UserWarning, match="exceeds 256"):
+        fast = attncomp.optimize(site, example_inputs=(q, k, v))
+    assert rel_err(fast(q, k, v), site(q, k, v)) <= 1e-6
+    assert "runs eager at call time" in str(attncomp.explain(fast))
