@@ -772,3 +772,40 @@ def test_head_dim_over_the_kernel_maximum_in_a_model_runs_eager(triton_cpu):
         fast = attncomp.optimize(site, example_inputs=(q, k, v))
     assert rel_err(fast(q, k, v), site(q, k, v)) <= 1e-6
     assert "runs eager at call time" in str(attncomp.explain(fast))
+
+
+class Projected(nn.Module):
+    """Projections around a masked softmax-chain site; ``keep`` (B, 1, L, L) bool."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(16, 48), nn.Linear(16, 16)
+
+    def forward(self, x, keep):
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        s = (q @ k.transpose(-1, -2)) / math.sqrt(8)
+        o = torch.softmax(s.masked_fill(~keep, torch.finfo(s.dtype).min), -1) @ v
+        return self.out(o.transpose(1, 2).reshape(B, L, 16))
+
+
+BAD_MODEL_INPUTS = {
+    "wrong-feature-size": lambda x, keep: (torch.randn(2, 12, 15), keep),
+    "integer-features": lambda x, keep: (x.long(), keep),
+    "mask-wrong-shape": lambda x, keep: (x, keep[..., :7]),
+    "mask-wrong-dtype": lambda x, keep: (x, keep.float()),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MODEL_INPUTS))
+def test_optimized_model_raises_the_models_own_error_for_bad_input(case):
+    model = Projected().eval()
+    x, keep = torch.randn(2, 12, 16), torch.rand(2, 1, 12, 12) > 0.3
+    fast = attncomp.optimize(model, example_inputs=(x, keep))
+    bad = BAD_MODEL_INPUTS[case](x, keep)
+    with pytest.raises(Exception) as eager:
+        model(*bad)
+    with pytest.raises(type(eager.value)) as got:
+        fast(*bad)
+    assert str(got.value) == str(eager.value)
+    assert rel_err(fast(x, keep), model(x, keep)) <= 1e-5  # and it still runs good inputs
