@@ -128,7 +128,10 @@ def cpu_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tens
     bias4 = None if bias is None else _pad_to(_pad_to(_full4(bias, Lq, Lk), 2, nqb * block_m),
                                                3, nkb * block_n).to(acc)
     grad = torch.is_grad_enabled()
-    fused = not grad and not softcap and q.device.type == "cpu" and D == Dv
+    # torch's fused kernel takes the mask as an additive -inf, which turns an Inf score at a hidden key into
+    # NaN; with NaN / Inf in q or k the masked_fill path below replaces hidden scores, as eager does
+    fused = (not grad and not softcap and q.device.type == "cpu" and D == Dv
+             and bool(torch.isfinite(q).all()) and bool(torch.isfinite(k).all()))
     static = keep4 is None and idx.shape[:2] == (1, 1)  # the table and visibility depend on shapes only
     runs = _band_runs(idx, valid, block_m, block_n) if fused and static else None
     if runs is not None:  # runs of query blocks that read keys at a fixed stride: views, no gather

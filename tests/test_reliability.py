@@ -809,3 +809,28 @@ def test_optimized_model_raises_the_models_own_error_for_bad_input(case):
         fast(*bad)
     assert str(got.value) == str(eager.value)
     assert rel_err(fast(x, keep), model(x, keep)) <= 1e-5  # and it still runs good inputs
+
+
+class WindowSite(nn.Module):
+    """A softmax chain with a sliding window (|i - j| <= 2) filled with -inf: the local strategy."""
+
+    def forward(self, q, k, v):
+        i = torch.arange(q.shape[-2], device=q.device)
+        hidden = (i[:, None] - i[None, :]).abs() > 2
+        s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        return torch.softmax(s.masked_fill(hidden, -math.inf), -1) @ v
+
+
+def test_regression_inf_keys_hidden_by_a_window_do_not_leak(kernels):
+    """Regression: the CPU block-sparse executor added its mask as -inf to the scores, so an Inf score at
+    a hidden key became NaN (inf - inf) in rows that never see that key; eager's masked_fill replaces
+    hidden scores. Rows that see the Inf keys are NaN / -inf-only rows as in eager."""
+    q, k, v = (torch.randn(1, 2, 128, 16) for _ in range(3))
+    site = WindowSite()
+    fast = attncomp.optimize(site, example_inputs=(q, k, v))
+    assert [r.strategy for r in attncomp.explain(fast).replaced] == ["local"]
+    k[0, 0, 0:3, 0] = -math.inf  # every query's score with keys 0-2 is ±inf
+    q[0, 0, 0, 0], q[0, 0, 0, 1:] = 1.0, 0.0  # query 0 sees keys 0-2 only, all with score -inf
+    out, ref = fast(q, k, v), site(q, k, v)
+    assert ref[0, 0, 0].isnan().all() and not ref[0, 0, 10:].isnan().any()
+    assert_same_values(out, ref, 1e-5)
