@@ -163,8 +163,9 @@ def cpu_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tens
                                           functools.partial(_flash_mask, grouped, B, Hkv, G, block_m, acc))
             else:
                 mask, empty = _flash_mask(grouped, B, Hkv, G, block_m, acc)
-            if bias4 is not None:
-                bt = _gather_tiles(bias4, ib, q0, nq, block_m, block_n)  # (B', H', nq, bm, K*bn)
+            if bias4 is not None:  # (B', H', nq, bm, K*bn), in the order the keys were read
+                bt = (_gather_tiles(bias4, ib, q0, nq, block_m, block_n) if band is None
+                      else _band_bias(bias4, q0, nq, block_m, block_n, band[0], K))
                 mask = mask + _flash_layout(_heads_to_group(bt, Hkv, G), B, Hkv, G, block_m)
             qf = qg[:, :, q0:q0 + nq].permute(2, 0, 1, 3, 4).reshape(nq, B * Hkv, G * block_m, D)
             kf = kg.permute(2, 0, 1, 3, 4).reshape(nq, B * Hkv, K * block_n, D)
@@ -248,6 +249,19 @@ def _band_view(xp: Tensor, front: int, q0: int, nq: int, block_m: int, shift: in
     B, H, P, D = xp.shape
     offset = xp.storage_offset() + (front + q0 * block_m - shift) * D
     return xp.as_strided((B, H, nq, width, D), (H * P * D, P * D, block_m * D, D, 1), offset)
+
+
+def _band_bias(m: Tensor, q0: int, nq: int, block_m: int, block_n: int, c: int, W: int) -> Tensor:
+    """Bias ``m`` ``(Bm, Hm, nQB*bm, nKB*bn)`` (padded) at a band's keys, ``(Bm, Hm, nq, bm, W*bn)``: query
+    block ``q0 + t`` reads keys from ``(q0 + t)·block_m - c·block_n`` on, as :func:`_band_view` does (not
+    in the block table's order); keys outside ``m`` get 0 (they are not visible)."""
+    Bm, Hm = m.shape[:2]
+    rows = m[:, :, q0 * block_m:(q0 + nq) * block_m].reshape(Bm, Hm, nq, block_m, m.shape[3])
+    start = torch.arange(q0, q0 + nq, device=m.device) * block_m - c * block_n
+    cols = start[:, None] + torch.arange(W * block_n, device=m.device)  # (nq, W*bn)
+    inside = (cols >= 0) & (cols < m.shape[3])
+    index = cols.clamp(0, m.shape[3] - 1)[None, None, :, None, :].expand(Bm, Hm, nq, block_m, W * block_n)
+    return torch.gather(rows, 4, index).masked_fill(~inside[None, None, :, None, :], 0)
 
 
 def _band_visibility(mask_expr, q0, nq, Lk, block_m, block_n, c, W) -> Tensor:
