@@ -1,8 +1,8 @@
 """Host-side launcher for the linear-attention Triton kernel (``templates/linear_fwd.py.j2``).
 
-One program per (batch, head) walks the chunks in order with the state in registers (f32); the
-semantics are those of :mod:`attncomp.linear` (``EPS`` added to the normaliser). The backward runs
-the same kernel three times (identity features, no normalisation; see :mod:`attncomp.linear`), then
+One program per (batch, head, block of value columns) walks the chunks in order with the state in
+registers (f32); the semantics are those of :mod:`attncomp.linear` (``EPS`` added to the normaliser).
+The backward runs the same kernel three times (identity features, no normalisation; see :mod:`attncomp.linear`), then
 :func:`feature_grad` (``templates/linear_bwd.py.j2``) for the chain rule through the feature map.
 """
 
@@ -15,14 +15,32 @@ from . import codegen
 from .linear import EPS
 from .triton_dense import _block_d, _check_interpreter, _empty
 
-__all__ = ["block_chunk", "feature_grad", "linear_fwd"]
+__all__ = ["block_chunk", "feature_grad", "linear_config", "linear_fwd"]
 
 
-def block_chunk(chunk: int, L: int) -> int:
+def _tile_cap(D: int) -> int:
+    """The largest chunk / value-column tile for head dim ``D``: ``tile × pow2(D) ≤ 2048``, at least 16.
+    The products are f32 ieee tl.dots (FMA, not tensor cores: each thread holds whole rows of the
+    reduced axis), and the f32 state lives in registers; larger tiles spill on sm_90 (ptxas:
+    BLOCK_D = 128 with 64 × 64 tiles spills ~100 KB and takes minutes to compile)."""
+    return max(16, 2048 // _block_d(D))
+
+
+def block_chunk(chunk: int, L: int, D: int = 16) -> int:
     """The kernel's chunk: ``chunk`` rounded up to a power of two in [16, 128] (tl.dot takes tiles
-    of 16 or more), no larger than L rounded up to 16."""
+    of 16 or more), no larger than L rounded up to 16 nor than :func:`_tile_cap` of the head dim D.
+    The chunk only changes the f32 rounding order, never the result."""
     c = triton.next_power_of_2(max(int(chunk), 1))
-    return max(16, min(c, 128, triton.next_power_of_2(max(L, 1))))
+    return max(16, min(c, 128, triton.next_power_of_2(max(L, 1)), _tile_cap(D)))
+
+
+def linear_config(D: int, E: int, chunk: int, L: int) -> dict[str, int]:
+    """Tiles and warps for q / k head dim ``D`` and value dim ``E``: BLOCK_C (:func:`block_chunk`),
+    BLOCK_D = pow2(D), BLOCK_E = pow2(E) capped at :func:`_tile_cap` (the f32 state S is BLOCK_D ×
+    BLOCK_E; wider E runs more column blocks), 8 warps from BLOCK_D = 64 on."""
+    bd = _block_d(D)
+    return {"BLOCK_C": block_chunk(chunk, L, D), "BLOCK_D": bd, "BLOCK_E": min(_block_d(E), _tile_cap(D)),
+            "num_warps": 8 if bd >= 64 else 4}
 
 
 def linear_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor | None, feature_map: str,
@@ -46,12 +64,11 @@ def linear_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.T
     dstr = den.stride() if normalize else (0, 0, 0)
     mod = codegen.load_kernel_module("linear_fwd", CAUSAL=bool(causal), HAS_DECAY=decay is not None,
                                      NORMALIZE=bool(normalize), FEATURE=feature_map, UPCAST_DOT=False)
-    mod.linear_fwd[(B * H,)](
+    cfg = linear_config(D, E, chunk, L)
+    mod.linear_fwd[(B * H, triton.cdiv(E, cfg["BLOCK_E"]))](
         q, k, v, log2_decay, out, den if normalize else out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dstr,
-        H, L, D, E, float(EPS),
-        BLOCK_C=block_chunk(chunk, L), BLOCK_D=_block_d(D), BLOCK_E=_block_d(E),
-        num_warps=4, num_stages=1,
+        H, L, D, E, float(EPS), **cfg, num_stages=1,
     )
     return out, den
 

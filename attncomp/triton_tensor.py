@@ -21,16 +21,27 @@ __all__ = ["tensor_bwd", "tensor_config", "tensor_fwd"]
 _LOG2E = 1.4426950408889634
 
 
-def tensor_config(Lq: int, L_inner: int, causal: bool, w_inner: int, dtype: torch.dtype) -> dict[str, object]:
-    """Tile sizes and precision: ``BLOCK_M`` queries, ``BLOCK_L`` inner keys (powers of two in
-    [16, 64], 16 being the tl.dot minimum), the inner tile no wider than what one query block sees
-    (``BLOCK_M + w − 1`` with a window). Triton's interpreter pays per operation, not per element,
-    so there the query tile grows to cover short sequences in one block."""
-    bm = min(64, max(16, triton.next_power_of_2(max(Lq, 1)))) if _interpreting() else 64
+def tensor_config(Lq: int, L_inner: int, causal: bool, w_inner: int, dtype: torch.dtype, D: int = 64,
+                  kernel: str = "fwd") -> dict[str, object]:
+    """Tile sizes, warps and precision of ``kernel`` (``"fwd"``, also the dq kernel, or ``"dkdv"``):
+    ``BLOCK_M`` queries, ``BLOCK_L`` inner keys (powers of two in [16, 64], 16 being the tl.dot
+    minimum), the inner tile no wider than what one query block sees (``BLOCK_M + w − 1`` with a
+    window). Head dims above 64 (pow2 ≥ 128) take more registers than 4 warps hold at 64 × 64 tiles
+    (sm_90 ptxas spills): the fwd / dq kernels run on 8 warps, the dk/dv kernel (which also carries
+    the f32 dk, dv tiles) on 16-query × 32-key tiles. Triton's interpreter pays per operation, not
+    per element, so there the query tile grows to cover short sequences in one block."""
+    interp = _interpreting()
+    wide = not interp and _block_d(D) > 64
+    if interp:
+        bm, cap_l, warps = min(64, max(16, triton.next_power_of_2(max(Lq, 1)))), 64, 4
+    elif wide and kernel == "dkdv":
+        bm, cap_l, warps = 16, 32, 4
+    else:
+        bm, cap_l, warps = 64, 64, 8 if wide else 4
     span = min(L_inner, bm + w_inner - 1) if causal else L_inner
-    return {"BLOCK_M": bm, "BLOCK_L": max(16, min(64, triton.next_power_of_2(max(span, 1)))),
+    return {"BLOCK_M": bm, "BLOCK_L": max(16, min(cap_l, triton.next_power_of_2(max(span, 1)))),
             # f32 inputs: no TF32 rounding in tl.dot; f16 / bf16: the default.
-            "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+            "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", "num_warps": warps}
 
 
 def _flags(dtype: torch.dtype, causal: bool) -> dict[str, bool]:
@@ -54,14 +65,14 @@ def tensor_fwd(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Te
     lse = _empty((B, H, Lq), torch.float32, q.device)
     if B * H * Lq == 0:
         return out, lse
-    cfg = tensor_config(Lq, L2, causal, w2, q.dtype)
+    cfg = tensor_config(Lq, L2, causal, w2, q.dtype, max(D, Dv))
     mod = codegen.load_kernel_module("tensor_fwd", **_flags(q.dtype, causal))
     grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
     mod.tensor_fwd[grid](
         q, k1, k2, v1, v2, out, lse,
         *q.stride(), *k1.stride(), *k2.stride(), *v1.stride(), *v2.stride(), *out.stride(),
         H, Lq, L1, L2, D, Dv, int(w1), int(w2), float(scale) * _LOG2E,
-        BLOCK_D=_block_d(D), BLOCK_DV=_block_d(Dv), **cfg, num_warps=4, num_stages=1,
+        BLOCK_D=_block_d(D), BLOCK_DV=_block_d(Dv), **cfg, num_stages=1,
     )
     return out, lse
 
@@ -73,14 +84,14 @@ def _dkdv(mod, q, k1, k2, v1, v2, dout, lse, delta, scale, causal, w1, w2):
     dv2 = _empty(tuple(v2.shape), v2.dtype, v2.device)
     if dk2.numel() + dv2.numel() == 0:
         return dk2, dv2
-    cfg = tensor_config(Lq, L2, causal, w2, q.dtype)
+    cfg = tensor_config(Lq, L2, causal, w2, q.dtype, max(D, Dv), "dkdv")
     grid = (triton.cdiv(L2, cfg["BLOCK_L"]), B * H)
     mod.tensor_bwd_dkdv[grid](
         q, k1, k2, v1, v2, dout, lse, delta, dk2, dv2,
         *q.stride(), *k1.stride(), *k2.stride(), *v1.stride(), *v2.stride(), *dout.stride(),
         *dk2.stride(), *dv2.stride(),
         H, Lq, L1, L2, D, Dv, int(w1), int(w2), float(scale) * _LOG2E, float(scale),
-        BLOCK_D=_block_d(D), BLOCK_DV=_block_d(Dv), **cfg, num_warps=4, num_stages=1,
+        BLOCK_D=_block_d(D), BLOCK_DV=_block_d(Dv), **cfg, num_stages=1,
     )
     return dk2, dv2
 
@@ -97,12 +108,12 @@ def tensor_bwd(dout: torch.Tensor, q: torch.Tensor, k1: torch.Tensor, k2: torch.
     mod = codegen.load_kernel_module("tensor_bwd", **_flags(q.dtype, causal))
     dq = _empty(tuple(q.shape), q.dtype, q.device)
     if dq.numel():
-        cfg = tensor_config(Lq, L2, causal, w2, q.dtype)
+        cfg = tensor_config(Lq, L2, causal, w2, q.dtype, max(D, Dv))
         mod.tensor_bwd_dq[(triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)](
             q, k1, k2, v1, v2, dout, lse, delta, dq,
             *q.stride(), *k1.stride(), *k2.stride(), *v1.stride(), *v2.stride(), *dout.stride(), *dq.stride(),
             H, Lq, L1, L2, D, Dv, int(w1), int(w2), float(scale) * _LOG2E, float(scale),
-            BLOCK_D=_block_d(D), BLOCK_DV=_block_d(Dv), **cfg, num_warps=4, num_stages=1,
+            BLOCK_D=_block_d(D), BLOCK_DV=_block_d(Dv), **cfg, num_stages=1,
         )
     dk2, dv2 = _dkdv(mod, q, k1, k2, v1, v2, dout, lse, delta, scale, causal, w1, w2)
     # The same kernel with the key sets swapped: s and P are symmetric in (k1, v1, w1) <-> (k2, v2, w2).

@@ -23,8 +23,9 @@ CASES = [
     (2, 2, 50, 16, 16, False, False, True, 16, "elu1"),
     (1, 3, 40, 16, 8, False, False, False, 64, "relu"),
     (1, 1, 1, 4, 4, True, True, False, 16, "elu1"),  # normalised, L=1 gives out = v and dq ≈ 0
+    (1, 2, 40, 64, 80, True, True, True, 64, "elu1"),  # Triton: value columns in 3 blocks, chunk capped
 ]
-TRITON_CASES = [CASES[0], CASES[2], CASES[4], CASES[5]]
+TRITON_CASES = [CASES[0], CASES[2], CASES[4], CASES[5], CASES[8]]
 
 
 def _id(c):

@@ -115,7 +115,7 @@ def test_triton_interpreter(c, triton_kernels):
 def small_tiles(monkeypatch):
     from attncomp import triton_tensor
 
-    def config(Lq, L_inner, causal, w_inner, dtype):
+    def config(Lq, L_inner, causal, w_inner, dtype, D=64, kernel="fwd"):
         return {"BLOCK_M": 16, "BLOCK_L": 16, "DOT_PRECISION": "ieee"}
 
     monkeypatch.setattr(triton_tensor, "tensor_config", config)
