@@ -14,8 +14,8 @@ The kernels iterate a :class:`attncomp.blocks.BlockTable` instead of every key b
 
 A row with no visible key gets ``out = 0`` and ``lse = -inf``. ``mask_expr`` is an IR predicate string
 (``attncomp.ir``: ``q``, ``kv``, integer literals, ``+ - * // % < <= > >= == != & | ~``, ``where``),
-rendered into the kernels as ``_mask(q, kv)`` with ``where`` -> ``tl.where``. The table's BLOCK_M /
-BLOCK_N are the kernels' tile sizes; a config only chooses num_warps / num_stages.
+rendered into the kernels inline (``where`` -> ``tl.where``, ``q`` / ``kv`` -> ``mask_q`` / ``mask_kv``).
+The table's BLOCK_M / BLOCK_N are the kernels' tile sizes; a config only chooses num_warps / num_stages.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ _EXPR_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Compare, ast.Call, as
 
 @lru_cache(maxsize=256)
 def render_mask(expr: str) -> str:
-    """The Triton body of ``_mask(q, kv)`` for an IR predicate: validated (only the IR's grammar, so
-    nothing else reaches the generated file), ``where(`` -> ``tl.where(``."""
+    """The Triton expression of an IR predicate: validated (only the IR's grammar, so nothing else
+    reaches the generated file), ``where(`` -> ``tl.where(``, ``q`` / ``kv`` -> ``mask_q`` / ``mask_kv``."""
     try:
         tree = ast.parse(expr, mode="eval")
     except SyntaxError as exc:
@@ -68,25 +68,29 @@ def render_mask(expr: str) -> str:
             ok = type(node.value) is int
         if not ok:
             raise ValueError(f"mask predicate {expr!r}: {type(node).__name__} is outside the IR's grammar")
-    return re.sub(r"\bwhere\(", "tl.where(", " ".join(expr.split()))
+    src = re.sub(r"\bwhere\(", "tl.where(", " ".join(expr.split()))
+    # The kernels evaluate it inline, on the index tensors mask_q [BM, 1] / mask_kv [1, BN] (or their
+    # transposes): q is the query tile's name there.
+    return re.sub(r"\bkv\b", "mask_kv", re.sub(r"\bq\b", "mask_q", src))
 
 
-def default_config(D: int, dtype: torch.dtype, interpret: bool) -> dict[str, int]:
-    """Launch options (num_warps, num_stages) for head dim ``D`` (max of the qk and v head dims);
-    the tile sizes come from the block table."""
+def default_config(D: int, dtype: torch.dtype, interpret: bool, block_m: int = 64,
+                   block_n: int = 64) -> dict[str, int]:
+    """Launch options (num_warps, num_stages) for head dim ``D`` (max of the qk and v head dims) and the
+    block table's tiles; the tile sizes come from the block table. 8 warps from head dims above 64 or
+    tiles of 128 × 64 on: sm_90 ptxas spills the backward kernels' f32 dk / dv / dq tiles on 4 (the
+    forward is spill-free either way)."""
     if interpret:
         return {"num_warps": 4, "num_stages": 1}
-    block_d = _block_d(D)
-    if block_d <= 64:
-        return {"num_warps": 4, "num_stages": 3}
-    return {"num_warps": 4 if block_d <= 128 and dtype != torch.float32 else 8, "num_stages": 2}
+    warps = 8 if _block_d(D) > 64 or block_m * block_n >= 128 * 64 else 4
+    return {"num_warps": warps, "num_stages": 3 if _block_d(D) <= 64 else 2}
 
 
 def _meta(table: BlockTable, config: dict | None, Lq: int, Lk: int, D: int, Dv: int,
           dtype: torch.dtype) -> dict[str, object]:
     """Compile-time kernel arguments (tl.constexpr) and launch options."""
     bm, bn = int(table.block_m), int(table.block_n)
-    cfg = dict(config or default_config(max(D, Dv), dtype, _interpreting()))
+    cfg = dict(config or default_config(max(D, Dv), dtype, _interpreting(), bm, bn))
     for key, have in (("BLOCK_M", bm), ("BLOCK_N", bn)):
         if key in cfg and int(cfg[key]) != have:
             raise ValueError(f"config {key}={cfg[key]} differs from the block table's {have}: the table's "
