@@ -28,6 +28,10 @@ class Unsupported(Exception):
     """The fused path cannot express this call; the literal path runs instead."""
 
 
+class _EagerThisCall(Exception):
+    """This call's inputs need the site's eager computation (the fused path stays for later calls)."""
+
+
 @dataclass(frozen=True)
 class KernelMask:
     """A proven mask of the site (see ``attncomp.analyze.MaskUse``): ``static`` AND
@@ -127,6 +131,10 @@ def _fold(bias, keep, fill, dtype):
                        else bias.to(dtype), fill_t)
 
 
+def _finite(*xs: Tensor) -> bool:
+    return all(bool(torch.isfinite(x).all()) for x in xs)
+
+
 def _to4d(x: Tensor) -> Tensor:
     while x.dim() < 4:
         x = x.unsqueeze(0)
@@ -181,6 +189,8 @@ class AttentionKernel(Approximation, nn.Module):
                 out = self.fused(q, k, v, terms)
                 self.calls["fused"] += 1
                 return out
+            except _EagerThisCall:
+                pass
             except Unsupported as e:
                 self.fallback_reason = str(e)
                 warnings.warn(f"attncomp: site {self.path} runs its eager computation: {e}", stacklevel=2)
@@ -201,6 +211,10 @@ class AttentionKernel(Approximation, nn.Module):
         if self.sdpa:  # SDPA's scale argument; None means 1/sqrt(D)
             s = self.sdpa.get("scale")
             scale = scale * (1.0 / math.sqrt(q.shape[-1]) if s is None else s)
+        if keep is not None and not torch.compiler.is_compiling() and not _finite(q, k):
+            # A mask kept as a tensor is folded into an additive shift, and an Inf / NaN score at a
+            # hidden key would survive it (inf - inf = NaN) where eager's masked_fill replaces it.
+            raise _EagerThisCall()
         add = _fold(bias, keep, fill, q.dtype)
         if add is not None:
             add = add.to(q.dtype)

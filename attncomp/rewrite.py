@@ -124,6 +124,7 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list) -> fx.GraphModul
         _insert_call(gm, site, kernel, (site.q.node, site.k.node, site.v.node, *terms), f"attncomp_site_{i}")
         records.append(SiteRecord(site.module_path, site.rule, "replaced", "; ".join(plan.reasons),
                                   spec, plan, kernel))
+    gm.meta.pop("attncomp_replaced", None)
     _rewrite_mha(gm, parsed_strategy, records)
     if any(r.kernel is not None and getattr(r.kernel, "masks", ()) for r in records):
         gm.graph.eliminate_dead_code()  # mask subgraphs no site reads any more
@@ -133,6 +134,11 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list) -> fx.GraphModul
 
 
 def _insert_call(gm: fx.GraphModule, site, kernel, inputs: tuple, prefix: str) -> None:
+    """Call ``kernel`` on ``inputs`` in place of ``site``'s output and erase the site's region. An
+    input that is the output of a site replaced earlier in this rewrite (attention reading another
+    site's result) is read from that site's new call."""
+    moved = gm.meta.setdefault("attncomp_replaced", {})
+    inputs = tuple(moved.get(x, x) if isinstance(x, fx.Node) else x for x in inputs)
     name = prefix
     while hasattr(gm, name):
         name += "_"
@@ -141,6 +147,7 @@ def _insert_call(gm: fx.GraphModule, site, kernel, inputs: tuple, prefix: str) -
         new = gm.graph.call_module(name, inputs)
     new.meta = dict(site.output.meta)
     site.output.replace_all_uses_with(new)
+    moved[site.output] = new
     _erase_region(gm, site)
 
 

@@ -389,8 +389,6 @@ class ChainedSites(nn.Module):
         return F.scaled_dot_product_attention(a, k, v, is_causal=True)
 
 
-@pytest.mark.xfail(strict=True, reason="needs fix in rewrite.py: rewrite() inserts a later site's call with the "
-                   "stale output node of an earlier, already replaced site (Site.q.node), so the graph fails lint")
 def test_regression_chained_sites_are_both_replaced():
     model = ChainedSites()
     q, k, v = (torch.randn(1, 2, 32, 16) for _ in range(3))
@@ -836,9 +834,6 @@ def test_regression_inf_keys_hidden_by_a_window_do_not_leak(kernels):
     assert_same_values(out, ref, 1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="needs fix in executor.py: AttentionKernel.fused folds a masked_fill mask "
-                   "kept as a tensor into an additive bias (_fold), so an Inf score at a hidden key becomes NaN "
-                   "(inf + -inf) where eager's masked_fill replaces it; pass it as keep= to the block-sparse op")
 def test_regression_inf_key_hidden_by_a_runtime_masked_fill_does_not_leak(kernels):
     q, k, v = (torch.randn(2, 2, 24, 16) for _ in range(3))
     keep = torch.rand(2, 1, 24, 24) > 0.4
