@@ -26,18 +26,21 @@ def tensor_config(Lq: int, L_inner: int, causal: bool, w_inner: int, dtype: torc
     """Tile sizes, warps and precision of ``kernel`` (``"fwd"``, also the dq kernel, or ``"dkdv"``):
     ``BLOCK_M`` queries, ``BLOCK_L`` inner keys (powers of two in [16, 64], 16 being the tl.dot
     minimum), the inner tile no wider than what one query block sees (``BLOCK_M + w − 1`` with a
-    window). Head dims above 64 (pow2 ≥ 128) take more registers than 4 warps hold at 64 × 64 tiles
-    (sm_90 ptxas spills): the fwd / dq kernels run on 8 warps, the dk/dv kernel (which also carries
-    the f32 dk, dv tiles) on 16-query × 32-key tiles. Triton's interpreter pays per operation, not
-    per element, so there the query tile grows to cover short sequences in one block."""
+    window). Head dims above 64 (pow2 ≥ 128) and f32 inputs take more registers than 4 warps hold at
+    64 × 64 tiles (sm_90 ptxas spills): the fwd / dq kernels run on 8 warps (f32: on 32 × 32 tiles),
+    the dk/dv kernel (which also carries the f32 dk, dv tiles) on 16-query × 32-key tiles. Triton's
+    interpreter pays per operation, not per element, so there the query tile grows to cover short
+    sequences in one block."""
     interp = _interpreting()
-    wide = not interp and _block_d(D) > 64
+    f32 = dtype == torch.float32  # f32 tl.dot operands: twice the registers, FMA instead of MMA
     if interp:
         bm, cap_l, warps = min(64, max(16, triton.next_power_of_2(max(Lq, 1)))), 64, 4
-    elif wide and kernel == "dkdv":
+    elif (f32 or _block_d(D) > 64) and kernel == "dkdv":
         bm, cap_l, warps = 16, 32, 4
+    elif f32:
+        bm, cap_l, warps = 32, 32, 8
     else:
-        bm, cap_l, warps = 64, 64, 8 if wide else 4
+        bm, cap_l, warps = 64, 64, 8 if _block_d(D) > 64 else 4
     span = min(L_inner, bm + w_inner - 1) if causal else L_inner
     return {"BLOCK_M": bm, "BLOCK_L": max(16, min(cap_l, triton.next_power_of_2(max(span, 1)))),
             # f32 inputs: no TF32 rounding in tl.dot; f16 / bf16: the default.
