@@ -65,7 +65,8 @@ def choose_blocks(q: Tensor, k: Tensor, v: Tensor, expr: str | None, keep: Tenso
                  "dtype": str(q.dtype).removeprefix("torch."), "D": D, "Dv": Dv, "gqa": Hq // k.shape[1],
                  "executor": "triton" if triton else "torch"}
     cfg = autotune.choose("sparse_fwd", signature, autotune.bucket(Lq=Lq, Lk=Lk, BH=B * Hq),
-                          lambda: sparse_configs.candidates(q.device.type, triton, interpret, Lq, Lk), bench,
+                          lambda: sparse_configs.candidates(q.device.type, triton, interpret, Lq, Lk, max(D, Dv),
+                                                            signature["dtype"]), bench,
                           {"BLOCK_M": default[0], "BLOCK_N": default[1]}, device=q.device,
                           version=autotune.source_hash("sparse_fwd.py.j2", "sparse_configs.py",
                                                        str(Path(__file__).with_name("sparse.py"))))

@@ -255,9 +255,10 @@ def dense_variants(full: bool):
 
 
 def sparse_variants(full: bool):
-    """Sparse fwd + bwd on the GPU tile sizes of ``sparse_configs`` (launch options from the launcher's
-    heuristic). Full: every GPU tile x dtype x head dim {64, 128} x (mask, keep, bias, softcap) set and
-    every mask of test_triton_sparse; quick: fp16 D=128, one tile, window + keep + bias + softcap."""
+    """Sparse fwd + bwd on the GPU tile sizes ``sparse_configs.candidates`` keeps and the CUDA default
+    (launch options from the launcher's heuristic). Full: every such tile x dtype x head dim {64, 128} x
+    (mask, keep, bias, softcap) set and every mask of test_triton_sparse; quick: fp16 D=128, one tile,
+    window + keep + bias + softcap."""
     import torch
     from test_triton_sparse import MASKS, Case, make_inputs
 
@@ -281,7 +282,9 @@ def sparse_variants(full: bool):
     sets = [dict(mask=m, keep=kp, bias=b, bias_grad=bool(b), softcap=sc)
             for m in (None, ir.Window(33, 17)) for kp in ("", "tiles") for b in ("", "head") for sc in (0.0, 2.0)]
     for dt, D in itertools.product((torch.float16, torch.bfloat16, torch.float32), (64, 128)):
-        tiles = {default_blocks(D, dt, torch.device("cuda"))} | set(sparse_configs.GPU)
+        name = str(dt).removeprefix("torch.")
+        tiles = {default_blocks(D, dt, torch.device("cuda"))} | {
+            (c["BLOCK_M"], c["BLOCK_N"]) for c in sparse_configs.candidates("cuda", True, False, 256, 256, D, name)}
         for bm, bn in sorted(tiles):
             for kw in sets:
                 c = Case(B=2, Hq=4, Hkv=2, Lq=256, D=D, dtype=dt, blocks=(bm, bn), **kw)
