@@ -72,11 +72,13 @@ def prune(configs, *, head_dim: int, dtype: str, Lq: int, Lk: int, smem_limit: i
             # f32 tl.dot runs on FMA units: measured on sm_90 (tests/test_sm90_compile.py), 128 x 64 tiles at
             # head dim 128 spill ~270 KB in the forward and the backward kernels need 257 KB of shared memory.
             why = f"float32 at head dim {head_dim} with a 128-row tile: backward exceeds sm_90 shared memory"
-        elif (smem_limit is not None and block_d(head_dim) > 64 and cfg["BLOCK_M"] * cfg["BLOCK_N"] >= 128 * 64
-              and cfg.get("num_stages", 1) >= 3):
+        elif (smem_limit is not None and (block_d(head_dim) > 64 or dtype == "float32")
+              and cfg["BLOCK_M"] * cfg["BLOCK_N"] >= 128 * 64 and cfg.get("num_stages", 1) >= 3):
             # The estimate above is the forward's; measured on sm_90, the backward's dK/dV kernel with 128 x 64
-            # tiles, 3 stages, head dim 128 (f16 / bf16) needs 290 KB (2 stages: 161 KB).
-            why = f"head dim {head_dim} with 128 x 64 tiles and 3 stages: backward exceeds {smem_limit} B shared memory"
+            # tiles and 3 stages needs 297 KB at head dim 128 (bf16; 2 stages: 161-206 KB) and 264 KB at head
+            # dim 64 in float32 with a bias gradient.
+            why = (f"head dim {head_dim} ({dtype}) with 128 x 64 tiles and 3 stages: backward exceeds "
+                   f"{smem_limit} B shared memory")
         elif cfg["BLOCK_M"] > m_cap or cfg["BLOCK_N"] > n_cap:
             why = f"tile larger than the padded sequence ({m_cap}x{n_cap})"
         if why:
