@@ -83,3 +83,19 @@ def torch_kernels():
     attncomp.set_kernels("torch")
     yield
     attncomp.set_kernels(None)
+
+
+@pytest.fixture
+def tune_env(tmp_path, monkeypatch):
+    """Autotuning on, cache file in a fresh tmp dir, in-memory state and counters cleared."""
+    from attncomp import autotune
+
+    path = tmp_path / "autotune.json"
+    monkeypatch.setenv("ATTNCOMP_AUTOTUNE", "1")
+    monkeypatch.setenv("ATTNCOMP_AUTOTUNE_CACHE", str(path))
+    monkeypatch.setenv("ATTNCOMP_AUTOTUNE_REPS", "2")
+    monkeypatch.setenv("ATTNCOMP_AUTOTUNE_QUIET", "1")
+    monkeypatch.delenv("ATTNCOMP_AUTOTUNE_LOAD", raising=False)
+    autotune.reset()
+    yield path
+    autotune.reset()

@@ -18,20 +18,6 @@ from conftest import rel_err
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def tune_env(tmp_path, monkeypatch):
-    """Autotuning on, cache file in a fresh tmp dir, in-memory state and counters cleared."""
-    path = tmp_path / "autotune.json"
-    monkeypatch.setenv("ATTNCOMP_AUTOTUNE", "1")
-    monkeypatch.setenv("ATTNCOMP_AUTOTUNE_CACHE", str(path))
-    monkeypatch.setenv("ATTNCOMP_AUTOTUNE_REPS", "2")
-    monkeypatch.setenv("ATTNCOMP_AUTOTUNE_QUIET", "1")
-    monkeypatch.delenv("ATTNCOMP_AUTOTUNE_LOAD", raising=False)
-    autotune.reset()
-    yield path
-    autotune.reset()
-
-
 SIG = {"strategy": "dense", "mask": "causal", "dtype": "float16", "D": 64, "gqa": 1}
 CANDS = [{"x": 1}, {"x": 2}, {"x": 3}]
 DEFAULT = {"x": 0}

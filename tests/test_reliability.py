@@ -475,20 +475,6 @@ def test_failing_kernel_in_a_direct_op_raises(triton_cpu, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def tune_cache(tmp_path, monkeypatch):
-    """Autotuning on, into a private cache file; in-memory state reset before and after."""
-    path = tmp_path / "autotune.json"
-    monkeypatch.setenv("ATTNCOMP_AUTOTUNE", "1")
-    monkeypatch.setenv("ATTNCOMP_AUTOTUNE_CACHE", str(path))
-    monkeypatch.setenv("ATTNCOMP_AUTOTUNE_REPS", "1")
-    monkeypatch.setenv("ATTNCOMP_AUTOTUNE_QUIET", "1")
-    monkeypatch.delenv("ATTNCOMP_AUTOTUNE_LOAD", raising=False)
-    autotune.reset()
-    yield path
-    autotune.reset()
-
-
 def _tune(key: int) -> dict:
     """One tuning through the public entry point: two candidates, the second one fails."""
 
@@ -519,26 +505,26 @@ BROKEN_CACHES = {
 
 
 @pytest.mark.parametrize("case", list(BROKEN_CACHES))
-def test_broken_autotune_cache_is_ignored_with_one_warning_and_replaced(tune_cache, case):
-    BROKEN_CACHES[case](tune_cache)
+def test_broken_autotune_cache_is_ignored_with_one_warning_and_replaced(tune_env, case):
+    BROKEN_CACHES[case](tune_env)
     autotune.reset()
-    with pytest.warns(RuntimeWarning, match=str(tune_cache.name)) as caught:
+    with pytest.warns(RuntimeWarning, match=str(tune_env.name)) as caught:
         assert _tune(7) == {"x": 1}
         assert _tune(8) == {"x": 1}
     assert len([w for w in caught if "autotune" in str(w.message)]) == 1, [str(w.message) for w in caught]
-    data = json.loads(tune_cache.read_text())  # rewritten as a valid cache holding the new entries
+    data = json.loads(tune_env.read_text())  # rewritten as a valid cache holding the new entries
     assert {e["signature"]["key"] for e in data["entries"]} >= {7, 8}
 
 
-def test_foreign_file_at_the_cache_path_is_never_overwritten(tune_cache):
-    tune_cache.write_text('{"someone": "else"}')
+def test_foreign_file_at_the_cache_path_is_never_overwritten(tune_env):
+    tune_env.write_text('{"someone": "else"}')
     with pytest.warns(RuntimeWarning, match="not an attncomp autotune cache"):
         assert _tune(1) == {"x": 1}
-    assert tune_cache.read_text() == '{"someone": "else"}'
+    assert tune_env.read_text() == '{"someone": "else"}'
 
 
 @pytest.mark.parametrize("case", ["parent-is-a-file", "path-is-a-directory"])
-def test_unwritable_autotune_cache_keeps_results_in_memory(tmp_path, tune_cache, monkeypatch, case):
+def test_unwritable_autotune_cache_keeps_results_in_memory(tmp_path, tune_env, monkeypatch, case):
     if case == "parent-is-a-file":
         (tmp_path / "blocker").write_text("a file, not a directory")
         path = tmp_path / "blocker" / "autotune.json"
@@ -552,10 +538,10 @@ def test_unwritable_autotune_cache_keeps_results_in_memory(tmp_path, tune_cache,
     assert autotune.STATS["tuned"] == 1 and autotune.STATS["hit"] == 1  # kept in memory
 
 
-def test_corrupt_autotune_cache_does_not_change_results(tune_cache, monkeypatch):
+def test_corrupt_autotune_cache_does_not_change_results(tune_env, monkeypatch):
     """End to end: masked attention tunes its tile sizes on CPU; a corrupt cache file is reported and
     the result is still exact."""
-    tune_cache.write_text('{"format": "attncomp-autotune", "version": 1, "entries": [')
+    tune_env.write_text('{"format": "attncomp-autotune", "version": 1, "entries": [')
     q, k, v = qkv(Lq=48, Lk=48)
     with pytest.warns(RuntimeWarning, match="ignoring cache file"):
         out = O.attention(q, k, v, ir.Window(4, 4))
@@ -668,17 +654,17 @@ def _run_killed(target: str, when: str, env: dict) -> None:
 
 
 @pytest.mark.parametrize("when", ["mid-write", "before-rename"])
-def test_killed_while_writing_the_tune_cache_leaves_the_previous_file(tune_cache, when):
-    before = _valid_cache(tune_cache, (1,))
-    _run_killed("autotune", when, {"ATTNCOMP_AUTOTUNE": "1", "ATTNCOMP_AUTOTUNE_CACHE": str(tune_cache),
+def test_killed_while_writing_the_tune_cache_leaves_the_previous_file(tune_env, when):
+    before = _valid_cache(tune_env, (1,))
+    _run_killed("autotune", when, {"ATTNCOMP_AUTOTUNE": "1", "ATTNCOMP_AUTOTUNE_CACHE": str(tune_env),
                                    "ATTNCOMP_AUTOTUNE_QUIET": "1"})
-    assert tune_cache.read_bytes() == before
+    assert tune_env.read_bytes() == before
     autotune.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the file is valid: no warning, entry 1 is a hit
         assert _tune(1) == {"x": 1} and autotune.STATS["hit"] == 1
         _tune(2)  # and the lock the killed process held is free: this write goes through
-    assert {e["signature"]["key"] for e in json.loads(tune_cache.read_text())["entries"]} == {1, 2}
+    assert {e["signature"]["key"] for e in json.loads(tune_env.read_text())["entries"]} == {1, 2}
 
 
 @pytest.mark.parametrize("when", ["mid-write", "before-rename"])
@@ -747,18 +733,18 @@ def test_regression_fully_masked_rows_of_a_proven_mask_on_the_dense_kernel(strat
 
 
 @pytest.mark.parametrize("config", [{"y": 1}, {"x": "fast"}, {"x": -4}, {"x": True}, {"x": None}])
-def test_damaged_autotune_entry_is_ignored_and_retuned(tune_cache, config):
+def test_damaged_autotune_entry_is_ignored_and_retuned(tune_env, config):
     """A cache entry whose config lacks the kernel's knobs or holds non-numbers (an edited or damaged
     file) is reported once and re-tuned, never handed to the kernel launcher."""
     _tune(1)
-    data = json.loads(tune_cache.read_text())
+    data = json.loads(tune_env.read_text())
     data["entries"][0]["config"] = config
-    tune_cache.write_text(json.dumps(data))
+    tune_env.write_text(json.dumps(data))
     autotune.reset()
     with pytest.warns(RuntimeWarning, match="ignoring the cached config"):
         assert _tune(1) == {"x": 1}
     assert autotune.STATS["tuned"] == 1
-    assert json.loads(tune_cache.read_text())["entries"][0]["config"] == {"x": 1}
+    assert json.loads(tune_env.read_text())["entries"][0]["config"] == {"x": 1}
 
 
 def test_head_dim_over_the_kernel_maximum_in_a_model_runs_eager(triton_cpu):
