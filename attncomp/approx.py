@@ -9,8 +9,6 @@ the strategy's ``tolerance``, and ``explain`` shows :meth:`Approximation.approx_
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -59,34 +57,3 @@ class Approximation:
         if self.approx_rejected:
             note += f" > tolerance {self.approx.tolerance:g}: runs {base}"
         return note
-
-
-def routed_causal_attention(q: Tensor, k: Tensor, v: Tensor, region: int, topk: int, scale: float) -> Tensor:
-    """Content routing under a causal mask (``kv ≤ q``): each query region keeps the ``topk`` key
-    regions of highest mean-q·mean-k affinity among those not after it (ties to the lower index), and
-    the causal mask applies inside the kept tiles. Every query sees at least one key (any kept region
-    not after its own holds a key ≤ it). Runs the block-sparse op on that table (exact given the
-    selection; the selection is not differentiated).
-
-    q ``(B, Hq, Lq, D)``, k/v ``(B, Hkv, Lk, D/Dv)``; returns ``(B, Hq, Lq, Dv)`` in q's dtype."""
-    from . import blocks, routing, sparse  # noqa: F401  (sparse registers attncomp::sparse_fwd)
-    from .ir import Causal
-    from .runtime import use_triton
-
-    if use_triton(q) and (region < 16 or region & (region - 1)):
-        raise ValueError(f"the Triton kernels need region to be a power of two >= 16, got {region}")
-    Lq, Lk = q.shape[2], k.shape[2]
-    with torch.no_grad():
-        aff = routing.affinity(q.detach(), k.detach(), region)  # (B, Hq, nQR, nKR)
-        nq, nk = aff.shape[-2:]
-        later = torch.arange(nk, device=q.device)[None, :] > torch.arange(nq, device=q.device)[:, None]
-        aff = aff.masked_fill(later, -math.inf)
-        top = torch.sort(aff, dim=-1, descending=True, stable=True).indices[..., :min(topk, nk)]
-        keep = torch.zeros(aff.shape, dtype=torch.bool, device=q.device).scatter_(-1, top, True) & ~later
-    expr = Causal(0).expr()
-    routed = blocks._tail_partial(torch.where(keep, blocks.FULL, blocks.EMPTY).to(torch.uint8), region, region, Lq, Lk)
-    states = blocks.combine(routed, blocks.static_states(expr, Lq, Lk, region, region, q.device))
-    table = blocks.table_from_states(states, region, region, Lq, Lk)
-    out, _ = torch.ops.attncomp.sparse_fwd(q, k, v, None, None, *table.tensors, float(scale), 0.0, expr, region,
-                                           region)
-    return out

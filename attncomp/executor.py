@@ -131,10 +131,6 @@ def _fold(bias, keep, fill, dtype):
                        else bias.to(dtype), fill_t)
 
 
-def _finite(*xs: Tensor) -> bool:
-    return all(bool(torch.isfinite(x).all()) for x in xs)
-
-
 def _to4d(x: Tensor) -> Tensor:
     while x.dim() < 4:
         x = x.unsqueeze(0)
@@ -211,7 +207,7 @@ class AttentionKernel(Approximation, nn.Module):
         if self.sdpa:  # SDPA's scale argument; None means 1/sqrt(D)
             s = self.sdpa.get("scale")
             scale = scale * (1.0 / math.sqrt(q.shape[-1]) if s is None else s)
-        if keep is not None and not torch.compiler.is_compiling() and not _finite(q, k):
+        if keep is not None and not torch.compiler.is_compiling() and runtime._nonfinite(q, k):
             # A mask kept as a tensor is folded into an additive shift, and an Inf / NaN score at a
             # hidden key would survive it (inf - inf = NaN) where eager's masked_fill replaces it.
             raise _EagerThisCall()
@@ -245,13 +241,10 @@ class AttentionKernel(Approximation, nn.Module):
         linear attention (plan "linear") or content routing (``Sparse(topk=…)``)."""
         if self.plan.strategy == "linear":
             return self._linear(q, k, v)
-        from .approx import routed_causal_attention
         from .ops import routed_attention
 
-        region, topk = self.approx.routing_region, self.approx.topk
-        if self._causal():
-            return routed_causal_attention(q, k, v, region, topk, scale)
-        return routed_attention(q, k, v, region=region, topk=topk, scale=scale)
+        return routed_attention(q, k, v, region=self.approx.routing_region, topk=self.approx.topk, scale=scale,
+                                causal=self._causal())
 
     def _causal(self) -> bool:
         from .ir import static_part

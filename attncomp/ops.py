@@ -126,9 +126,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, keep: Tensor | None
 
 
 def routed_attention(q: Tensor, k: Tensor, v: Tensor, region: int = 64, topk: int = 4,
-                     scale: float | None = None) -> Tensor:
+                     scale: float | None = None, causal: bool = False) -> Tensor:
     """BiFormer-style content-routed attention (:mod:`attncomp.routing`): each region of ``region``
-    queries attends, exactly, to the ``topk`` key regions of highest mean-q · mean-k affinity.
+    queries attends, exactly, to the ``topk`` key regions of highest mean-q · mean-k affinity. With
+    ``causal`` only key regions not after the query region are chosen, and the causal mask
+    ``kv ≤ q`` applies inside the kept tiles (every query sees at least one key).
 
     Args:
         q: ``(B, Hq, Lq, D)``; k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``; one float dtype,
@@ -148,11 +150,13 @@ def routed_attention(q: Tensor, k: Tensor, v: Tensor, region: int = 64, topk: in
         routing.check_params(region, topk)
         out, _ = torch.ops.attncomp.dense_fwd(q, k, v, None, 1.0, None, 0.0)
         return out
-    table = routing.routed_block_table(q, k, region, topk)
     if use_triton(q) and (region < 16 or region & (region - 1)):
         raise ValueError(f"the Triton kernels need region to be a power of two >= 16, got {region}")
+    table = routing.routed_block_table(q, k, region, topk, causal)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out, _ = torch.ops.attncomp.sparse_fwd(q, k, v, None, None, *table.tensors, scale, 0.0, "", region, region)
+    expr = routing.CAUSAL if causal else ""
+    out, _ = torch.ops.attncomp.sparse_fwd(q, k, v, None, None, *table.tensors, float(scale), 0.0, expr, region,
+                                           region)
     return out
 
 

@@ -21,10 +21,15 @@ are computed per kv head and shared by the group's query heads). The table's lea
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from . import blocks
+from .ir import Causal
+
+CAUSAL = Causal(0).expr()  # the predicate of the causal mask kv <= q
 
 
 def check_params(region, topk) -> None:
@@ -74,31 +79,41 @@ def affinity(q: Tensor, k: Tensor, region: int) -> Tensor:
     return qr @ kr.transpose(-1, -2)
 
 
-def selection(q: Tensor, k: Tensor, region: int, topk: int) -> Tensor:
+def selection(q: Tensor, k: Tensor, region: int, topk: int, causal: bool = False) -> Tensor:
     """Bool ``(B, Hq, nQR, nKR)``: True where query region ``i`` keeps key region ``j`` (its ``topk``
-    highest affinities, ties to the lower index; ``topk`` clipped to ``nKR``). Not differentiated."""
+    highest affinities, ties to the lower index; ``topk`` clipped to ``nKR``). With ``causal`` only key
+    regions not after the query region (``j ≤ i``) compete and can be kept. Not differentiated."""
     _check(q, k, region, topk)
     with torch.no_grad():
         a = affinity(q.detach(), k.detach(), region)
-        kk = min(topk, a.shape[-1])
+        nq, nk = a.shape[-2:]
+        later = None
+        if causal:
+            later = torch.arange(nk, device=a.device)[None, :] > torch.arange(nq, device=a.device)[:, None]
+            a = a.masked_fill(later, -math.inf)
         # stable descending sort: among equal affinities the lower key-region index comes first
-        top = torch.sort(a, dim=-1, descending=True, stable=True).indices[..., :kk]
-        keep = torch.zeros(a.shape, dtype=torch.bool, device=a.device)
-        return keep.scatter_(-1, top, True)
+        top = torch.sort(a, dim=-1, descending=True, stable=True).indices[..., :min(topk, nk)]
+        keep = torch.zeros(a.shape, dtype=torch.bool, device=a.device).scatter_(-1, top, True)
+        return keep if later is None else keep & ~later
 
 
-def routed_block_table(q: Tensor, k: Tensor, region: int, topk: int) -> blocks.BlockTable:
+def routed_block_table(q: Tensor, k: Tensor, region: int, topk: int, causal: bool = False) -> blocks.BlockTable:
     """The routed :class:`~attncomp.blocks.BlockTable` (``block_m = block_n = region``, leading dims
-    ``(B, Hq)``): kept tiles FULL (PARTIAL when they reach past ``Lq`` / ``Lk``), the rest EMPTY.
+    ``(B, Hq)``): kept tiles FULL (PARTIAL when they reach past ``Lq`` / ``Lk``), the rest EMPTY. With
+    ``causal`` the selection is causal (:func:`selection`) and the tiles are combined with those of the
+    causal mask ``kv ≤ q`` (diagonal tiles PARTIAL): every query sees a key, since a kept region not
+    after its own holds a key ≤ it.
 
     Args:
         q: ``(B, Hq, Lq, D)``; k: ``(B, Hkv, Lk, D)``, ``Hq % Hkv == 0``; any float dtype.
         region: tokens per region (>= 1); topk: key regions kept per query region (>= 1).
     """
-    sel = selection(q, k, region, topk)
+    sel = selection(q, k, region, topk, causal)
     states = torch.where(sel, blocks.FULL, blocks.EMPTY).to(torch.uint8)
     Lq, Lk = q.shape[2], k.shape[2]
     states = blocks._tail_partial(states, region, region, Lq, Lk)
+    if causal:
+        states = blocks.combine(states, blocks.static_states(CAUSAL, Lq, Lk, region, region, q.device))
     return blocks.table_from_states(states, region, region, Lq, Lk)
 
 

@@ -171,7 +171,7 @@ def test_never_chosen_without_topk_and_arguments_checked():
 
 def test_causal_routing_on_the_triton_kernels(monkeypatch):
     from attncomp import triton_sparse
-    from attncomp.approx import routed_causal_attention
+    from attncomp.ops import routed_attention
 
     calls = {"fwd": 0, "bwd": 0}
     for name in calls:
@@ -181,7 +181,7 @@ def test_causal_routing_on_the_triton_kernels(monkeypatch):
     q, k, v = _qkv(L=72, grad=True)
     attncomp.set_kernels("triton")
     try:
-        out = routed_causal_attention(q, k, v, 16, 2, 0.25)
+        out = routed_attention(q, k, v, region=16, topk=2, scale=0.25, causal=True)
         dout = torch.randn_like(out)
         grads = torch.autograd.grad((out * dout).sum(), (q, k, v))
     finally:
