@@ -85,12 +85,13 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list) -> fx.GraphModul
 
     found = find_sites(gm)
     memo: dict = {}  # mask proofs by node: one mask is usually read by every layer
+    moved: dict = {}  # output node of a replaced site -> its kernel call (a later site may read it)
     for i, site in enumerate(found):
         if isinstance(site, Miss):
             records.append(SiteRecord(site.module_path, site.rule, "left", site.reason))
             continue
         if not isinstance(site, Site):  # linear / tensor attention: lowered whole to their op
-            _rewrite_lowered(gm, site, i, parsed_strategy, records)
+            _rewrite_lowered(gm, site, i, parsed_strategy, records, moved)
             continue
         requested = for_site(parsed_strategy, site.module_path)
         spec = analyze(site)
@@ -121,10 +122,9 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list) -> fx.GraphModul
                                  site.sdpa, site.kv_groups, site.module_path, softmax_dtype,
                                  site.v.out_views, masks=masks,
                                  approx=requested if plan.spec.contract == "approx" else None)
-        _insert_call(gm, site, kernel, (site.q.node, site.k.node, site.v.node, *terms), f"attncomp_site_{i}")
+        _insert_call(gm, site, kernel, (site.q.node, site.k.node, site.v.node, *terms), f"attncomp_site_{i}", moved)
         records.append(SiteRecord(site.module_path, site.rule, "replaced", "; ".join(plan.reasons),
                                   spec, plan, kernel))
-    gm.meta.pop("attncomp_replaced", None)
     _rewrite_mha(gm, parsed_strategy, records)
     if any(r.kernel is not None and getattr(r.kernel, "masks", ()) for r in records):
         gm.graph.eliminate_dead_code()  # mask subgraphs no site reads any more
@@ -133,11 +133,10 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list) -> fx.GraphModul
     return gm
 
 
-def _insert_call(gm: fx.GraphModule, site, kernel, inputs: tuple, prefix: str) -> None:
+def _insert_call(gm: fx.GraphModule, site, kernel, inputs: tuple, prefix: str, moved: dict) -> None:
     """Call ``kernel`` on ``inputs`` in place of ``site``'s output and erase the site's region. An
     input that is the output of a site replaced earlier in this rewrite (attention reading another
-    site's result) is read from that site's new call."""
-    moved = gm.meta.setdefault("attncomp_replaced", {})
+    site's result) is read from that site's new call (``moved``, updated here)."""
     inputs = tuple(moved.get(x, x) if isinstance(x, fx.Node) else x for x in inputs)
     name = prefix
     while hasattr(gm, name):
@@ -151,7 +150,7 @@ def _insert_call(gm: fx.GraphModule, site, kernel, inputs: tuple, prefix: str) -
     _erase_region(gm, site)
 
 
-def _rewrite_lowered(gm: fx.GraphModule, site, i: int, parsed_strategy, records: list) -> None:
+def _rewrite_lowered(gm: fx.GraphModule, site, i: int, parsed_strategy, records: list, moved: dict) -> None:
     """A site that is its own kernel kind (``site.spec()``, ``site.kernel(plan, requested)``,
     ``site.inputs``): naive linear attention, tensor attention."""
     from attncomp.passes import plan_site
@@ -163,7 +162,7 @@ def _rewrite_lowered(gm: fx.GraphModule, site, i: int, parsed_strategy, records:
         return
     plan = plan_site(spec, requested)
     kernel = site.kernel(plan, requested)
-    _insert_call(gm, site, kernel, tuple(site.inputs), f"attncomp_site_{i}")
+    _insert_call(gm, site, kernel, tuple(site.inputs), f"attncomp_site_{i}", moved)
     records.append(SiteRecord(site.module_path, site.rule, "replaced", "; ".join(plan.reasons), spec, plan, kernel))
 
 
