@@ -153,6 +153,8 @@ class Report:
             note = getattr(r.kernel, "approx_note", lambda: None)()
             if note:
                 reason = f"{reason}; {note}"
+            if getattr(r.kernel, "eager_calls_note", None):
+                reason = f"{reason}; {r.kernel.eager_calls_note}"
             lines.append((r.path, r.rule, str(spec.dims) if spec else "-", str(spec.mask) if spec else "-",
                           r.strategy, r.status, reason))
         widths = [max([len(h)] + [len(str(x[i])) for x in lines]) for i, h in enumerate(head)]

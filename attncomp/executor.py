@@ -165,6 +165,7 @@ class AttentionKernel(Approximation, nn.Module):
         self.static = mask_and(*(m.static for m in masks))
         self.expr = self.static.expr() if masks else None
         self.fallback_reason: str | None = None
+        self.eager_calls_note: str | None = None  # some calls (not all) ran eagerly, and why
         self.calls = {"fused": 0, "literal": 0}
 
     def extra_repr(self) -> str:
@@ -185,8 +186,8 @@ class AttentionKernel(Approximation, nn.Module):
                 out = self.fused(q, k, v, terms)
                 self.calls["fused"] += 1
                 return out
-            except _EagerThisCall:
-                pass
+            except _EagerThisCall as e:
+                self.eager_calls_note = str(e)  # explain shows it; the fused path stays for later calls
             except Unsupported as e:
                 self.fallback_reason = str(e)
                 warnings.warn(f"attncomp: site {self.path} runs its eager computation: {e}", stacklevel=2)
@@ -210,7 +211,8 @@ class AttentionKernel(Approximation, nn.Module):
         if keep is not None and not torch.compiler.is_compiling() and runtime._nonfinite(q, k):
             # A mask kept as a tensor is folded into an additive shift, and an Inf / NaN score at a
             # hidden key would survive it (inf - inf = NaN) where eager's masked_fill replaces it.
-            raise _EagerThisCall()
+            raise _EagerThisCall("calls whose q or k held Inf / NaN ran eagerly (a run-time tensor mask "
+                                 "folded into an additive shift would turn a hidden Inf score into NaN)")
         add = _fold(bias, keep, fill, q.dtype)
         if add is not None:
             add = add.to(q.dtype)
