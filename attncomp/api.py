@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 from . import autotune
 from . import capture as C
 from .backend import AttncompBackend
+from .modcapture import ModuleCapture
 from .rewrite import SiteRecord, rewrite
 from .strategies import parse, with_tolerance
 
@@ -31,6 +33,8 @@ class OptimizedModel(nn.Module):
         self.graph_breaks = 0
         self._fx_records: list[SiteRecord] = []
         self._runner = None
+        self._modcap = ModuleCapture(self.model, self.backend.strategy,
+                                     lambda: AttncompBackend(self.backend.strategy)) if capture == "modules" else None
 
     # -- capture -------------------------------------------------------------------------------
     def _build(self, args: tuple, kwargs: dict) -> None:
@@ -49,13 +53,17 @@ class OptimizedModel(nn.Module):
         self.graph_module = gm
 
     def forward(self, *args, **kwargs):
-        if self._runner is None:
-            self._build(args, kwargs)
-        if self.capture != "dynamo":
-            return self._runner(*args)
+        if self._modcap is not None:
+            run = self.model if self._modcap.first_done else self._modcap.first_call
+        else:
+            if self._runner is None:
+                self._build(args, kwargs)
+            if self.capture != "dynamo":
+                return self._runner(*args)
+            run = self._runner
         before = C.graph_break_count()
         try:
-            out = self._runner(*args, **kwargs)
+            out = run(*args, **kwargs)
         except torch._dynamo.exc.TorchRuntimeError:
             # Dynamo failed while running the model on fake tensors: almost always inputs the model
             # cannot take (a wrong shape or dtype). Nothing real has run yet; run the model itself so
@@ -69,7 +77,8 @@ class OptimizedModel(nn.Module):
         """Run the wrapped model eagerly on inputs Dynamo could not trace; its error (if any) is raised
         with a note that the inputs do not fit the model. Returns when the eager model accepts them."""
         try:
-            self.model(*args, **kwargs)
+            with self._modcap.eager() if self._modcap is not None else contextlib.nullcontext():
+                self.model(*args, **kwargs)
         except Exception as e:
             note = "attncomp: the optimized model cannot run these inputs; the original model raises the same error"
             if hasattr(e, "add_note"):
@@ -85,7 +94,16 @@ class OptimizedModel(nn.Module):
 
     @property
     def records(self) -> list[SiteRecord]:
+        if self._modcap is not None:
+            return [r for g in self._modcap.groups.values() for r in g.records()]
         return list(self.backend.records.values()) if self.capture == "dynamo" else list(self._fx_records)
+
+    @property
+    def graphs(self) -> int:
+        """Graphs compiled (Dynamo graphs, or the one fx / export graph once captured)."""
+        if self._modcap is not None:
+            return sum(b.graphs for b in self._modcap.backends)
+        return self.backend.graphs if self.capture == "dynamo" else int(self._runner is not None)
 
 
 def optimize(model: nn.Module, strategy="auto", example_inputs=None, capture: str = "dynamo",
@@ -99,7 +117,10 @@ def optimize(model: nn.Module, strategy="auto", example_inputs=None, capture: st
             from module-path patterns (fnmatch) to strategies.
         example_inputs: a tuple of positional inputs (or one tensor). When given, capture and
             planning happen here (the model runs once on them); otherwise on the first call.
-        capture: ``"dynamo"`` (default), ``"fx"`` (``symbolic_trace``) or ``"export"``.
+        capture: ``"dynamo"`` (default: Dynamo on the whole model), ``"modules"`` (Dynamo on each
+            module that owns attention, alike layers traced once: much faster to capture, but masks
+            built outside those modules stay run-time tensors; see :mod:`attncomp.modcapture`),
+            ``"fx"`` (``symbolic_trace``) or ``"export"``.
         example_kwargs: keyword inputs to pass with ``example_inputs`` (dynamo capture).
         tolerance: for approximate strategies (``"linear"``, ``Sparse(topk=…)``,
             ``Tensor(rank=…/degree=…)``): the largest relative error against the exact computation
@@ -121,6 +142,8 @@ def optimize(model: nn.Module, strategy="auto", example_inputs=None, capture: st
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
         fast(*example_inputs, **(example_kwargs or {}))
+        if fast._modcap is not None and fast._modcap.pending():
+            fast(*example_inputs, **(example_kwargs or {}))  # owners found after their last call this time
     return fast
 
 
@@ -133,6 +156,7 @@ class Report:
     graph_breaks: int = 0
     graphs: int = 0
     autotune_failures: list[dict] = field(default_factory=list)  # failed candidates (autotune.FAILURES)
+    notes: list[str] = field(default_factory=list)  # capture="modules": the owner classes and their graphs
 
     @property
     def replaced(self) -> list[SiteRecord]:
@@ -167,7 +191,8 @@ class Report:
                                                       if self.graphs == 0 else ")"))
         out.append(f"{len(self.replaced)} replaced, {len(self.left)} left; capture={self.capture}, "
                    f"graphs={self.graphs}, graph breaks={self.graph_breaks}")
-        if self.graphs > 1:
+        out += self.notes
+        if self.graphs > 1 and self.capture == "dynamo":
             out.append("(Dynamo compiled several graphs — e.g. new shapes or grad modes — and each row shows "
                        "the site in the most recent one)")
         if self.autotune_failures:
@@ -182,6 +207,6 @@ class Report:
 def explain(model) -> Report:
     """The explain report of a model returned by :func:`optimize` (or a rewritten GraphModule)."""
     if isinstance(model, OptimizedModel):
-        graphs = model.backend.graphs if model.capture == "dynamo" else int(model._runner is not None)
-        return Report(model.records, model.capture, model.graph_breaks, graphs, list(autotune.FAILURES))
+        notes = model._modcap.summary() if model._modcap is not None else []
+        return Report(model.records, model.capture, model.graph_breaks, model.graphs, list(autotune.FAILURES), notes)
     raise TypeError(f"explain expects a model returned by attncomp.optimize, got {type(model).__name__}")

@@ -2,6 +2,7 @@
 
 * ``"dynamo"`` (default): Dynamo with attncomp's backend; graphs of torch-level ops, the rest of
   each graph runs as captured. Works on current transformers models, which fx cannot trace.
+* ``"modules"``: Dynamo on each module that owns attention (:mod:`attncomp.modcapture`).
 * ``"fx"``: ``torch.fx.symbolic_trace`` (with timm's leaf modules and autowrapped functions for
   timm models); a plain GraphModule that can be inspected and saved.
 * ``"export"``: ``torch.export`` (aten graph), needs example inputs.
@@ -16,7 +17,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-CAPTURES = ("dynamo", "fx", "export")
+CAPTURES = ("dynamo", "modules", "fx", "export")
 
 
 def clone_structure(model: nn.Module, memo: dict | None = None) -> nn.Module:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +101,12 @@ class MHAKernel(nn.Module):
         return out, None
 
 
+def _weights_used(node: fx.Node) -> bool:
+    """Whether anything reads the call's returned weights (anything but ``out = call(...)[0]``)."""
+    return any(not (u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0)
+               for u in node.users)
+
+
 def match_mha(node: fx.Node, gm: fx.GraphModule):
     """Rule ``multihead_attention``: (site args, kernel kwargs) or a reason string."""
     module = gm.get_submodule(node.target) if node.op == "call_module" else None
@@ -110,7 +117,7 @@ def match_mha(node: fx.Node, gm: fx.GraphModule):
         return f"unexpected arguments: {e}"
     bound.apply_defaults()
     a = dict(bound.arguments)
-    if a.get("need_weights", True):
+    if a.get("need_weights", True) and _weights_used(node):
         return "need_weights=True: the attention probabilities have another user (the returned weights)"
     if module is not None:
         if module.bias_k is not None or module.add_zero_attn:

@@ -229,6 +229,17 @@ def test_mha_need_weights_left_with_reason():
     assert all("another user" in r.reason for r in rep.left)
 
 
+@pytest.mark.parametrize("capture", ["dynamo", "fx"])
+def test_mha_default_need_weights_with_weights_dropped_is_replaced(capture):
+    mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    model = WithMHA(mha, lambda mha, x: mha(x, x, x)[0])  # need_weights=True (the default), weights unused
+    x = torch.randn(B, L, 32)
+    fast = attncomp.optimize(model, example_inputs=(x,), capture=capture)
+    rep = attncomp.explain(fast)
+    assert len(rep.replaced) == 1 and not rep.left, str(rep)
+    assert rel_err(fast(x), model(x)) <= 1e-5
+
+
 def test_finite_fill_left_with_reason():
     def chain(m, q, k, v):
         return (q @ k.transpose(-2, -1)).masked_fill(~_causal_bool(), -1e4).softmax(-1) @ v

@@ -55,9 +55,10 @@ def _snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, model.training
 
 
+@pytest.mark.parametrize("capture", ["dynamo", "modules"])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("kind", ["gpt2", "bert", "llama"])
-def test_transformers_model(kind, impl):
+def test_transformers_model(kind, impl, capture):
     model = _hf(kind, impl)
     ids = torch.randint(0, 128, (2, 20))
     mask = torch.ones(2, 20, dtype=torch.long)
@@ -66,10 +67,11 @@ def test_transformers_model(kind, impl):
 
     model.eval()
     ref = model(ids, attention_mask=mask).last_hidden_state
-    fast = attncomp.optimize(model, example_inputs=(ids,), example_kwargs={"attention_mask": mask})
+    fast = attncomp.optimize(model, example_inputs=(ids,), example_kwargs={"attention_mask": mask}, capture=capture)
     out = fast(ids, attention_mask=mask).last_hidden_state
     rep = attncomp.explain(fast)
     assert len(rep.replaced) == LAYERS, str(rep)
+    assert len({r.path for r in rep.replaced}) == LAYERS, str(rep)
     assert all(r.kernel.calls["fused"] >= 1 for r in rep.replaced)
     if kind == "llama":
         assert all(r.spec.dims.Hkv == 2 and r.spec.dims.Hq == 4 for r in rep.replaced)
