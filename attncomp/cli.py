@@ -173,14 +173,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     # point (what a long-running process sees), and in a fresh capture specialised to the point (what
     # a process whose first call has this shape sees): plans may differ between the two (a mask
     # proved from static sizes), and each plan's kernels need their own entries.
-    fast = attncomp.optimize(model)
+    fast = attncomp.optimize(model, capture=args.capture)
     for i, pt in enumerate(points):
         _bar(i, len(points), f"B={pt['B']} L={pt['L']}", t0)
         inputs = _to(make_inputs(pt["B"], pt["L"]), device)
         _run(torch, fast, inputs, args.backward)
         if i > 0:
             with torch._dynamo.config.patch(automatic_dynamic_shapes=False):  # a capture with static sizes
-                _run(torch, attncomp.optimize(model), inputs, args.backward)
+                _run(torch, attncomp.optimize(model, capture=args.capture), inputs, args.backward)
     _bar(len(points), len(points), "done", t0)
     report = attncomp.explain(fast)
     tuned = autotune.STATS["tuned"] - before["tuned"]
@@ -222,7 +222,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     pt = parse_shapes(args.shapes)[0]
     with torch.no_grad():
-        fast = attncomp.optimize(model, example_inputs=_to(make_inputs(pt["B"], pt["L"]), device))
+        fast = attncomp.optimize(model, example_inputs=_to(make_inputs(pt["B"], pt["L"]), device),
+                                 capture=args.capture)
     print(f"{args.model} on {device}, B={pt['B']} L={pt['L']}\n")
     print(attncomp.explain(fast))
     if args.cache:
@@ -259,6 +260,10 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto",
                         help="auto: Triton on CUDA, torch executor on CPU; triton: Triton everywhere (CPU runs "
                              "Triton's interpreter); torch: torch executor everywhere")
+        sp.add_argument("--capture", choices=("dynamo", "modules"), default="dynamo",
+                        help="dynamo: Dynamo on the whole model (masks built anywhere in it are proved); "
+                             "modules: Dynamo on each module that owns attention, alike layers traced once "
+                             "(faster to capture; masks built outside those modules stay run-time tensors)")
 
     t = sub.add_parser("tune", help="tune every kernel of a model over shape buckets; write a cache file",
                        description="Capture the model, plan every attention site, run it at every shape point "

@@ -94,3 +94,10 @@ def test_tune_then_inspect_then_optimize_without_tuning(clean_tuner, capsys, mon
     assert len(attncomp.explain(fast).replaced) == 2
     assert rel_err(got.last_hidden_state, ref.last_hidden_state) <= 1e-5
     assert not (clean_tuner / "empty.json").exists()
+
+
+def test_inspect_with_module_capture(clean_tuner, capsys):
+    assert cli.main(["inspect", "--model", MODEL, "--shapes", "B=1,L=32", "--capture", "modules"]) == 0
+    shown = capsys.readouterr().out
+    assert "2 replaced, 0 left; capture=modules, graphs=1" in shown
+    assert "GPT2Block ×2 (h.0, h.1): 1 graph(s) compiled for them all" in shown
