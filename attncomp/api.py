@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -84,6 +85,18 @@ class OptimizedModel(nn.Module):
             if hasattr(e, "add_note"):
                 e.add_note(note)
             raise e from None
+
+    def __deepcopy__(self, memo):
+        if self._modcap is None:  # the default deep copy (the compiled runner is a module over the clone)
+            return copy._reconstruct(self, memo, *self.__reduce_ex__(4))
+        # capture="modules": the owners' compiled forwards are bound to this clone's modules; the copy
+        # is of the model as written, and captures on its own first call
+        with self._modcap.eager():
+            model = copy.deepcopy(self.model, memo)
+        twin = OptimizedModel(model, self.backend.strategy, self.capture)
+        memo[id(self)] = twin
+        twin.training = self.training  # the copied modules keep their own flags
+        return twin
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):

@@ -1,20 +1,28 @@
 """How long ``attncomp.optimize`` takes on a 12-layer GPT-2-shaped model, cold and warm.
 
-    python benchmarks/optimize_time.py [--layers 12] [--L 128] [--out DIR]
+    python benchmarks/optimize_time.py [--layers 12] [--L 128] [--use-cache] [--out DIR]
 
 The model is transformers' GPT-2 (random weights, 768 hidden, 12 heads, eager attention), called
-with an ``attention_mask`` that pads the second of two sequences, so each site's mask is proved to be
-causal AND key padding and runs on the block-sparse kernel, whose CPU tile sizes are autotuned.
-Every scenario runs in a fresh Python process (imports excluded from the timings):
+with an ``attention_mask`` that pads the second of two sequences. With ``capture="dynamo"`` each
+site's mask is proved to be causal AND key padding and runs on the block-sparse kernel; with
+``capture="modules"`` the mask reaches each block as a run-time tensor (dense kernel). The CPU tile
+sizes of either kernel are autotuned. ``--use-cache`` keeps GPT-2's default KV cache on (its update
+is indexed by the layer number, so Dynamo traces every layer once even under ``"modules"``); by
+default the model is built with ``use_cache=False``, as for a forward pass that does not generate.
+Every scenario runs in a fresh Python process (imports excluded from the timings, Dynamo's first
+use in the process included):
 
 * ``lazy``: ``optimize(model)`` without example inputs (capture happens on the first call);
-* ``cold``: ``optimize(model, example_inputs=...)`` with an empty autotune cache (tunes);
-* ``warm``: the same with the cache the cold run wrote (must tune nothing: asserted);
 * ``dynamo_alone``: ``torch.compile(model, backend="eager")`` and one call — Dynamo's own tracing
-  of this model, with no attncomp in it: the floor under any Dynamo-based capture.
+  of the whole model, with no attncomp in it: the floor under whole-model capture;
+* ``eager_call``: one call of the model itself — the part of every ``optimize(example_inputs)``
+  that is running the model;
+* ``cold`` / ``warm``: ``optimize(model, example_inputs=...)`` (whole-model capture) with an empty
+  autotune cache (tunes), then with the cache the cold run wrote (must tune nothing: asserted);
+* ``modules_cold`` / ``modules_warm``: the same with ``capture="modules"``.
 
-Within ``cold`` and ``warm`` the time spent in attncomp's graph rewrite (match, mask proofs,
-planning) is measured apart by timing ``AttncompBackend.rewrite``. Writes ``optimize_time.json``.
+Within each the time spent in attncomp's graph rewrite (match, mask proofs, planning) is measured
+apart by timing ``AttncompBackend.rewrite``. Writes ``optimize_time.json``.
 """
 
 from __future__ import annotations
@@ -31,7 +39,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def scenario(name: str, layers: int, L: int) -> dict:
+SCENARIOS = ("lazy", "dynamo_alone", "eager_call", "cold", "warm", "modules_cold", "modules_warm")
+
+
+def scenario(name: str, layers: int, L: int, use_cache: bool) -> dict:
     """Run in the child process: one scenario, returns its measurements."""
     import torch
     from transformers import GPT2Config, GPT2Model
@@ -40,7 +51,8 @@ def scenario(name: str, layers: int, L: int) -> dict:
     from attncomp import autotune, backend
 
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=layers, attn_implementation="eager", attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    cfg = GPT2Config(n_layer=layers, attn_implementation="eager", attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+                     use_cache=use_cache)
     model = GPT2Model(cfg).eval()
     ids = torch.randint(0, cfg.vocab_size, (2, L))
     mask = torch.ones(2, L, dtype=torch.long)
@@ -59,20 +71,26 @@ def scenario(name: str, layers: int, L: int) -> dict:
                 rewrite_s.append(time.perf_counter() - t0)
         backend.AttncompBackend.rewrite = timed_rewrite
         t0 = time.perf_counter()
+        capture = "modules" if name.startswith("modules") else "dynamo"
         if name == "dynamo_alone":
             out = torch.compile(model, backend="eager")(ids, **kwargs).last_hidden_state
+        elif name == "eager_call":
+            out = model(ids, **kwargs).last_hidden_state
         elif name == "lazy":
             fast = attncomp.optimize(model)
         else:
-            fast = attncomp.optimize(model, example_inputs=(ids,), example_kwargs=kwargs)
+            fast = attncomp.optimize(model, example_inputs=(ids,), example_kwargs=kwargs, capture=capture)
         seconds = time.perf_counter() - t0
         res = {"scenario": name, "seconds": round(seconds, 3), "rewrite_s": round(sum(rewrite_s), 3),
                "autotune": dict(autotune.STATS),
                "tune_s": [e.get("tune_s") for e in autotune.entries() if e.get("tune_s") is not None]}
-        if name in ("cold", "warm"):
+        if name not in ("lazy", "dynamo_alone", "eager_call"):
+            t0 = time.perf_counter()
             out = fast(ids, **kwargs).last_hidden_state
+            res["next_call_s"] = round(time.perf_counter() - t0, 3)
             report = attncomp.explain(fast)
             res["sites"] = f"{len(report.replaced)} replaced, {len(report.left)} left"
+            res["graphs"] = report.graphs
             res["strategies"] = sorted({r.strategy for r in report.replaced})
             res["masks"] = sorted({str(r.spec.mask) for r in report.rows if r.spec is not None})
         if name != "lazy":
@@ -84,40 +102,47 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--L", type=int, default=128, help="sequence length of the example inputs (batch 2)")
+    p.add_argument("--use-cache", action="store_true", help="keep GPT-2's KV cache on (its default)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(scenario(args.child, args.layers, args.L)))
+        print(json.dumps(scenario(args.child, args.layers, args.L, args.use_cache)))
         return 0
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, ATTNCOMP_AUTOTUNE="1", ATTNCOMP_AUTOTUNE_CACHE=str(Path(tmp) / "autotune.json"),
                    ATTNCOMP_CACHE_DIR=str(Path(tmp) / "kernels"))
-        for name in ("lazy", "dynamo_alone", "cold", "warm"):
+        for name in SCENARIOS:
+            if name == "modules_cold":  # its own empty cache: the dense kernel's tiles are tuned here
+                env["ATTNCOMP_AUTOTUNE_CACHE"] = str(Path(tmp) / "autotune-modules.json")
             proc = subprocess.run([sys.executable, __file__, "--child", name, "--layers", str(args.layers),
-                                   "--L", str(args.L)], env=env, capture_output=True, text=True, cwd=ROOT)
+                                   "--L", str(args.L)] + (["--use-cache"] if args.use_cache else []),
+                                  env=env, capture_output=True, text=True, cwd=ROOT)
             if proc.returncode != 0:
                 print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
                 return 1
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             results.append(res)
             print(json.dumps(res), flush=True)
-    warm = next(r for r in results if r["scenario"] == "warm")
-    cold = next(r for r in results if r["scenario"] == "cold")
-    assert warm["autotune"]["tuned"] == 0, f"the warm run tuned: {warm['autotune']}"
-    tuned = cold["autotune"]["tuned"]
-    per_kernel = sum(cold["tune_s"]) / len(cold["tune_s"]) if cold["tune_s"] else None  # timed by autotune
-    alone = next(r for r in results if r["scenario"] == "dynamo_alone")["seconds"]
-    lazy = next(r for r in results if r["scenario"] == "lazy")["seconds"]
-    each = f", {per_kernel:.2f} s of tuning each" if per_kernel else ""
-    print(f"\nGPT-2-shaped, {args.layers} layers, B=2 L={args.L}: optimize(example_inputs) cold "
-          f"{cold['seconds']:.2f} s ({tuned} kernel(s) tuned{each}), warm {warm['seconds']:.2f} s (of which "
-          f"attncomp's rewrite {warm['rewrite_s']:.2f} s); Dynamo alone {alone:.2f} s; lazy optimize "
-          f"{lazy * 1e3:.0f} ms")
+    by = {r["scenario"]: r for r in results}
+    for capture, cold, warm in (("dynamo", by["cold"], by["warm"]),
+                                ("modules", by["modules_cold"], by["modules_warm"])):
+        assert warm["autotune"]["tuned"] == 0, f"the warm run ({capture}) tuned: {warm['autotune']}"
+        tune = [t for t in cold["tune_s"] if t is not None]
+        each = f", {sum(tune) / len(tune):.2f} s of tuning each" if tune else ""
+        print(f"capture={capture}: optimize(example_inputs) cold {cold['seconds']:.2f} s "
+              f"({cold['autotune']['tuned']} kernel(s) tuned{each}), warm {warm['seconds']:.2f} s (attncomp's "
+              f"rewrite {warm['rewrite_s']:.2f} s, {warm['graphs']} graph(s)); next call {warm['next_call_s']:.2f} s")
+    print(f"GPT-2-shaped, {args.layers} layers, B=2 L={args.L}, use_cache={args.use_cache}: one eager call "
+          f"{by['eager_call']['seconds']:.2f} s; Dynamo alone (whole model) {by['dynamo_alone']['seconds']:.2f} s; "
+          f"lazy optimize {by['lazy']['seconds'] * 1e3:.0f} ms")
+    tune = [t for r in results for t in r.get("tune_s", []) if t is not None]
+    per_kernel = sum(tune) / len(tune) if tune else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "optimize_time.json").write_text(json.dumps({"layers": args.layers, "L": args.L, "B": 2,
+                                                        "use_cache": args.use_cache,
                                                         "tuning_s_per_kernel": per_kernel,
                                                         "results": results}, indent=1))
     return 0

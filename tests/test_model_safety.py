@@ -68,18 +68,24 @@ def _assert_unchanged(model: nn.Module, before: dict) -> None:
         assert torch.equal(after["tensors"][k], t), k
 
 
+@pytest.fixture(params=["dynamo", "modules"])
+def opt(request):
+    """``attncomp.optimize`` with each Dynamo-based capture (whole model, and per attention module)."""
+    return lambda model, **kw: attncomp.optimize(model, capture=request.param, **kw)
+
+
 def _replaced(fast) -> int:
     return len(attncomp.explain(fast).replaced)
 
 
-def test_optimize_never_changes_the_model():
+def test_optimize_never_changes_the_model(opt):
     model = _model()
     calls = []
     model[0].register_forward_hook(lambda m, i, o: calls.append("hook"))
     x = torch.randn(2, 16, 32)
     ref = model(x)
     before = _snapshot(model)
-    fast = attncomp.optimize(model, example_inputs=(x,))
+    fast = opt(model, example_inputs=(x,))
     fast.train()  # the optimized model's own flags
     fast(x)
     fast.eval()
@@ -91,22 +97,22 @@ def test_optimize_never_changes_the_model():
     assert torch.equal(model(x), ref) and calls == ["hook"]  # same outputs, its own hook still runs once
 
 
-def test_model_hooks_run_in_the_optimized_model():
+def test_model_hooks_run_in_the_optimized_model(opt):
     model = _model()
     model[0].register_forward_hook(lambda m, i, o: o + 1.0)
     x = torch.randn(2, 16, 32)
-    fast = attncomp.optimize(model, example_inputs=(x,))
+    fast = opt(model, example_inputs=(x,))
     assert _replaced(fast) == 4
     assert rel_err(fast(x), model(x)) <= 1e-5
 
 
-def test_state_dict_round_trip():
+def test_state_dict_round_trip(opt):
     model, other = _model(), _model()
     with torch.no_grad():
         for p in other.parameters():
             p.add_(0.1 * torch.randn_like(p))
     x = torch.randn(2, 16, 32)
-    fast = attncomp.optimize(copy.deepcopy(model), example_inputs=(x,))
+    fast = opt(copy.deepcopy(model), example_inputs=(x,))
     sd = fast.state_dict()
     assert list(sd) == list(model.state_dict())
     assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
@@ -119,10 +125,10 @@ def test_state_dict_round_trip():
         fast.load_state_dict({})
 
 
-def test_deepcopy_is_independent_and_runs():
+def test_deepcopy_is_independent_and_runs(opt):
     model = _model()
     x = torch.randn(2, 16, 32)
-    fast = attncomp.optimize(model, example_inputs=(x,))
+    fast = opt(model, example_inputs=(x,))
     twin = copy.deepcopy(fast)
     assert isinstance(twin, attncomp.OptimizedModel)
     assert rel_err(twin(x), model(x)) <= 1e-5
@@ -134,18 +140,18 @@ def test_deepcopy_is_independent_and_runs():
     assert not torch.equal(twin(x), fast(x))
 
 
-def test_unused_optimized_model_can_be_deepcopied():
-    fast = attncomp.optimize(_model())
+def test_unused_optimized_model_can_be_deepcopied(opt):
+    fast = opt(_model())
     twin = copy.deepcopy(fast)
     x = torch.randn(1, 8, 32)
     assert rel_err(twin(x), fast(x)) <= 1e-5
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "enable_grad"])
-def test_grad_modes(mode):
+def test_grad_modes(mode, opt):
     model = _model()
     x = torch.randn(2, 16, 32)
-    fast = attncomp.optimize(model)
+    fast = opt(model)
     ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "enable_grad": torch.enable_grad}[mode]
     with ctx():
         out = fast(x)
@@ -156,10 +162,10 @@ def test_grad_modes(mode):
     assert len(kernels) == 4 and all(k.calls["fused"] >= 1 for k in kernels)
 
 
-def test_autocast_bf16_on_cpu():
+def test_autocast_bf16_on_cpu(opt):
     model = _model()
     x = torch.randn(2, 16, 32)
-    fast = attncomp.optimize(model)
+    fast = opt(model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = fast(x)
         ref = model(x)
@@ -168,10 +174,10 @@ def test_autocast_bf16_on_cpu():
     assert _replaced(fast) == 4
 
 
-def test_train_eval_switching_honours_dropout():
+def test_train_eval_switching_honours_dropout(opt):
     model = _model()
     x = torch.randn(2, 16, 32)
-    fast = attncomp.optimize(model, example_inputs=(x,))
+    fast = opt(model, example_inputs=(x,))
     eval_out = fast(x)
     fast.train()
     model.train()
@@ -198,12 +204,12 @@ def test_train_eval_switching_honours_dropout():
     assert all(rel_err(a, b) <= 1e-5 for a, b in zip(g_fast, g_ref))
 
 
-def test_to_dtype():
+def test_to_dtype(opt):
     """``.to(dtype)`` converts the parameters the optimized model shares with the original (as for any
     module sharing parameters); the optimized model re-plans its sites for the new dtype."""
     model = _model()
     x = torch.randn(2, 16, 32)
-    fast = attncomp.optimize(model, example_inputs=(x,))
+    fast = opt(model, example_inputs=(x,))
     ref64 = copy.deepcopy(model).double()
     fast = fast.to(torch.float64)
     assert all(p.dtype == torch.float64 for p in fast.parameters())
