@@ -96,7 +96,7 @@ def test_transformers_model(kind, impl, capture):
     assert model.training is True
 
 
-@pytest.mark.parametrize("capture", ["dynamo", "fx"])
+@pytest.mark.parametrize("capture", ["dynamo", "modules", "fx"])
 @pytest.mark.parametrize("fused", [True, False])
 def test_timm_vit(fused, capture):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, depth=LAYERS)
