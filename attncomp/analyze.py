@@ -122,16 +122,25 @@ class MaskUse:
     keep_fn: Callable | None
     fill: float
     proof: str
+    # symbolic sizes: the proof holds at the example shape; the kernel checks the graph's mask
+    # ``check_src`` (as the step ``check_op`` used it) against it on every call
+    check_src: torch.fx.Node | None = None
+    check_op: str | None = None
 
 
-def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None) -> tuple[list, list[MaskUse]] | str:
+def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None,
+                    checked: bool = False) -> tuple[list, list[MaskUse]] | str:
     """Replace the proven mask steps of ``site.steps`` by ``("mask", i)`` (``i`` indexes the returned
     uses); returns (new steps, uses). ``memo`` (one dict per graph rewrite) reuses the proof of a mask
     node shared by several sites — transformers builds one mask and every layer reads it.
 
     Every ``masked_fill`` / ``where`` / bool SDPA mask must be proved, else nothing is (the reason is
     returned and the masks stay on the folded-bias path); an ``add`` is a proven mask when its term
-    is an additive mask built in the graph, and otherwise stays as a bias term."""
+    is an additive mask built in the graph, and otherwise stays as a bias term.
+
+    With symbolic sizes (after Dynamo's automatic-dynamic recompile) masks are proved at the example
+    shape only, so only when ``checked`` (the kernel runs outside a compiler and checks every call's
+    mask against the proof: ``MaskUse.check_src``); otherwise the reason is returned."""
     from .mask_analysis import analyze_mask as _analyze
 
     memo = {} if memo is None else memo
@@ -139,15 +148,27 @@ def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None) -
     def analyze_mask(node, Lq: int, Lk: int, negate: bool = False):
         key = (node, Lq, Lk, negate)
         if key not in memo:
-            memo[key] = _analyze(node, Lq, Lk, negate=negate)
+            memo[key] = _analyze(node, Lq, Lk, negate=negate, hint=symbolic)
         return memo[key]
 
     Lq, Lk = spec.dims.Lq, spec.dims.Lk
     if Lq is None or Lk is None:
         return "the scores' shape is unknown"
     shapes = [T.shape(o.node) for o in (site.q, site.k)]
-    if any(s is None or not all(type(d) is int for d in s) for s in shapes):
-        return "the sequence length is symbolic (dynamic shapes): a mask is proved for one shape only"
+    if any(s is None for s in shapes):
+        return "the scores' shape is unknown"
+    symbolic = any(not all(type(d) is int for d in s) for s in shapes)
+    if symbolic and not checked:
+        return ("the sequence length is symbolic (dynamic shapes) and the kernel runs inside a compiler, "
+                "where it cannot check the mask per call: a mask is proved for one shape only")
+
+    def use(fact, fill, node, op):
+        proof = fact.proof
+        if symbolic:
+            proof += (f"; sizes are symbolic: proved at the example shape {Lq}x{Lk}, and every call checks the "
+                      "graph's mask against the proof (a call where it differs runs the site's own computation)")
+        return MaskUse(fact.static, fact.keep_src, fact.keep_fn, fill, proof,
+                       node if symbolic else None, op if symbolic else None)
     if any(s[0] == "view" for s in site.steps):
         return "the scores are viewed between the product and the softmax"
     kept, uses, refused = [], [], []
@@ -161,7 +182,7 @@ def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None) -
             if isinstance(fact, str):
                 return fact
             kept.append(("mask", len(uses)))
-            uses.append(MaskUse(fact.static, fact.keep_src, fact.keep_fn, fill, fact.proof))
+            uses.append(use(fact, fill, step[1], op))
         elif op == "add" and isinstance(step[1], torch.fx.Node):
             fact = analyze_mask(step[1], Lq, Lk)
             if isinstance(fact, str) or fact.fill is None:
@@ -169,7 +190,7 @@ def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None) -
                 kept.append(step)
             else:
                 kept.append(("mask", len(uses)))
-                uses.append(MaskUse(fact.static, fact.keep_src, fact.keep_fn, fact.fill, fact.proof))
+                uses.append(use(fact, fact.fill, step[1], "add"))
         else:
             kept.append(step)
     if not uses:

@@ -17,7 +17,9 @@ other keys are passed to Inductor as config patches (``{"max_autotune": True}``)
 
 Dynamic shapes: the rewrite does not specialise on sizes, so after Dynamo's automatic-dynamic
 recompile a new sequence length reuses the graph; attncomp's Triton kernels are keyed on
-compile-time flags only, and their tuned configs on power-of-two shape buckets.
+compile-time flags only, and their tuned configs on power-of-two shape buckets. With
+``inner="eager"`` a mask of such a graph is proved at its example shape and checked by the kernel
+on every call (``rewrite(..., checked_masks=True)``); under Inductor it stays a tensor.
 """
 
 from __future__ import annotations
@@ -80,13 +82,16 @@ class AttncompBackend:
         if self.inner_options and inner != "inductor":
             raise ValueError(f"options {sorted(self.inner_options)} are Inductor config patches, but inner={inner!r}")
         self._compile = _inner_compiler(inner)
+        # masks of graphs with symbolic sizes are checked per call by the kernels: only when they run
+        # as captured (a compiler around them would trace the check away)
+        self.checked_masks = inner == "eager"
         self.graphs = 0
         self.records: dict[tuple, SiteRecord] = {}
 
     def rewrite(self, gm: fx.GraphModule) -> fx.GraphModule:
         """Rewrite ``gm``'s attention sites in place (records kept for ``explain``)."""
         recs: list[SiteRecord] = []
-        rewrite(gm, self.strategy, recs)
+        rewrite(gm, self.strategy, recs, checked_masks=self.checked_masks)
         self.graphs += 1
         STATS["graphs"] += 1
         for i, r in enumerate(recs):

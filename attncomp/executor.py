@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -35,12 +36,34 @@ class _EagerThisCall(Exception):
 @dataclass(frozen=True)
 class KernelMask:
     """A proven mask of the site (see ``attncomp.analyze.MaskUse``): ``static`` AND
-    ``keep_fn(terms[keep_term])``; hidden positions get ``fill`` in eager."""
+    ``keep_fn(terms[keep_term])``; hidden positions get ``fill`` in eager. With ``check_term`` (a
+    graph with symbolic sizes, proved at its example shape), ``terms[check_term]`` is the graph's own
+    mask, used by the score step ``check_op``: each call checks it against the proof."""
 
     static: Mask
     keep_term: int | None
     keep_fn: object
     fill: float
+    check_term: int | None = None
+    check_op: str | None = None
+
+
+_CHECKS: list = []  # recent per-call mask checks (weak refs to the tensors), shared by sites reading one mask
+MISMATCH = ("calls at shapes where the graph's mask differs from the one proved at the example shape ran the "
+            "site's own computation")
+
+
+def _holds(m: KernelMask, actual: Tensor, visible: Tensor) -> bool:
+    """Whether the graph's mask ``actual`` (as step ``m.check_op`` uses it) equals the proof ``visible``."""
+    if m.check_op == "masked_fill":
+        actual, visible = actual, ~visible  # the condition marks hidden positions
+    elif m.check_op == "add":
+        visible = torch.zeros((), dtype=actual.dtype, device=actual.device).masked_fill(~visible, m.fill)
+    try:
+        a, b = torch.broadcast_tensors(actual, visible)
+    except RuntimeError:
+        return False
+    return bool(torch.equal(a, b))
 
 
 def _ref(x, terms):
@@ -201,6 +224,7 @@ class AttentionKernel(Approximation, nn.Module):
         grouped = self.kv_groups > 1 or self.sdpa.get("enable_gqa")  # k, v keep Hkv heads
         if not grouped and k.shape[:-2] != q.shape[:-2]:
             raise Unsupported("q and k batch dims differ")
+        self._check_masks(q.shape[-2], k.shape[-2], terms, q.device)
         shape = (*q.shape[:-1], k.shape[-2])
         scale, bias, keep, fill = replay(self.steps, terms, shape, q.device)
         if isinstance(scale, Tensor):
@@ -262,6 +286,28 @@ class AttentionKernel(Approximation, nn.Module):
         return linear_attention(q, k, v, feature_map=self.approx.feature_map, causal=self._causal(),
                                 chunk=self.approx.chunk)
 
+    def _check_masks(self, Lq: int, Lk: int, terms, device) -> None:
+        """Masks proved at the example shape of a graph with symbolic sizes: the graph's mask of this
+        call must equal the proof (checked once per mask tensor, for all the sites reading it)."""
+        for m in self.masks:
+            if m.check_term is None:
+                continue
+            if torch.compiler.is_compiling():
+                raise _EagerThisCall("calls inside torch.compile ran the site's own computation (a mask proved at "
+                                     "one shape is checked per call, which a compiled graph cannot do)")
+            actual = terms[m.check_term]
+            keep = terms[m.keep_term] if m.keep_term is not None else None
+            key = (m.static, m.keep_fn, m.check_op, m.fill, Lq, Lk, actual._version,
+                   None if keep is None else keep._version)
+            verdict = next((v for a, kp, k2, v in _CHECKS
+                            if a() is actual and k2 == key and (keep is None or kp() is keep)), None)
+            if verdict is None:
+                verdict = _holds(m, actual, self._visible(Lq, Lk, terms, device, (m,)))
+                _CHECKS.insert(0, (weakref.ref(actual), None if keep is None else weakref.ref(keep), key, verdict))
+                del _CHECKS[8:]
+            if not verdict:
+                raise _EagerThisCall(MISMATCH)
+
     def _keep(self, terms) -> Tensor | None:
         """The proven masks' run-time part: a bool tensor broadcastable to the scores, or None."""
         keep = None
@@ -315,7 +361,9 @@ class AttentionKernel(Approximation, nn.Module):
             k, v = runtime._repeat_kv(k, self.kv_groups), runtime._repeat_kv(v, self.kv_groups)
         if self.sdpa:
             mask = _ref(self.sdpa["attn_mask"], terms) if self.sdpa.get("attn_mask") is not None else None
-            if self.sdpa.get("mask_from_proof"):
+            if self.sdpa.get("mask_from_proof") and self.masks[0].check_term is not None:
+                mask = terms[self.masks[0].check_term]  # the graph's own mask (symbolic sizes)
+            elif self.sdpa.get("mask_from_proof"):
                 mask = self._visible(q.shape[-2], k.shape[-2], terms, q.device)
                 if self.masks[0].fill > -math.inf:  # an additive mask: 0 where visible, fill elsewhere
                     mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~mask, self.masks[0].fill)
@@ -343,6 +391,15 @@ class AttentionKernel(Approximation, nn.Module):
                 s = s.reshape([int(_ref(a, terms)) for a in args[0]])
             elif op == "cast":
                 s = s.to(args[0])
+            elif op == "mask" and self.masks[step[1]].check_term is not None:  # the graph's own mask
+                m = self.masks[step[1]]
+                actual = terms[m.check_term]
+                if m.check_op == "add":
+                    s = s + actual
+                elif m.check_op == "masked_fill":
+                    s = s.masked_fill(actual, m.fill)
+                else:
+                    s = torch.where(actual, s, m.fill)
             elif op == "mask":  # a proven mask, rebuilt: hidden scores become the eager fill
                 m = self.masks[step[1]]
                 visible = self._visible(s.shape[-2], s.shape[-1], terms, s.device, (m,))

@@ -16,8 +16,10 @@ Pipeline (one direction):
    that are vacuous on that grid are dropped the same way. No fact is returned unless it holds.
 
 The fact is exact for the site's shape (Dynamo graphs are specialised to it; for fx graphs analyse
-again per shape). Everything else — model-input masks, parameters, data-dependent masks, finite
-fills — is refused with a reason string.
+again per shape). A graph with symbolic sizes is read at its example shape (``hint=True``): the fact
+then holds there only, and the kernel checks the graph's mask against it on every call.
+Everything else — model-input masks, parameters, data-dependent masks, finite fills — is refused
+with a reason string.
 """
 
 from __future__ import annotations
@@ -51,12 +53,13 @@ class KeyPadding:
     input), which broadcasts to ``(B, H, Lq, Lk)``. ``!= 0`` is what ``.to(torch.bool)`` computes."""
 
     start: int
-    length: int
+    length: int | None  # None: to the end (a graph with symbolic sizes, where the mask's width varies)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x != 0
         x = x.reshape(x.shape[0] if x.dim() > 1 else 1, x.shape[-1])
-        return x[:, self.start:self.start + self.length][:, None, None, :]
+        stop = None if self.length is None else self.start + self.length
+        return x[:, self.start:stop][:, None, None, :]
 
 
 @dataclass(frozen=True)
@@ -396,7 +399,7 @@ def _split_keep(E: sp.Basic, reader: GraphReader, shape: tuple, Lk: int):
     c = sp.expand(args[-1] - AXES[1])
     if not c.is_Integer or shape[-1] != Lk or not (0 <= int(c) and int(c) + Lk <= rshape[-1]):
         return why
-    fn = KeyPadding(int(c), Lk)
+    fn = KeyPadding(int(c), Lk if int(c) + Lk < rshape[-1] or not reader.hint else None)
     return E, src, fn, f"key padding `{src.name}`[:, {int(c)}:{int(c) + Lk}] != 0"
 
 
@@ -422,8 +425,11 @@ def _additive(V: sp.Basic) -> tuple[sp.Basic, float] | str:
 # ---------------------------------------------------------------------------------------------
 
 
-def analyze_mask(node: fx.Node, Lq: int, Lk: int, negate: bool = False) -> MaskFact | str:
+def analyze_mask(node: fx.Node, Lq: int, Lk: int, negate: bool = False, hint: bool = False) -> MaskFact | str:
     """Prove what mask ``node`` computes on the site's ``(Lq, Lk)`` grid, or say why not.
+
+    ``hint=True`` (a graph with symbolic sizes): sizes are read as their example values, so the fact
+    holds for the example shape only; whoever uses it must check it at other shapes.
 
     ``node``: a bool keep-mask (``True`` = visible, SDPA's convention), or an additive float mask,
     broadcastable to ``(B, H, Lq, Lk)``. ``negate=True`` analyses ``~value(node)`` (the node is a
@@ -431,7 +437,7 @@ def analyze_mask(node: fx.Node, Lq: int, Lk: int, negate: bool = False) -> MaskF
     """
     if not isinstance(node, fx.Node):
         return f"the mask is not a graph node ({node!r})"
-    reader = GraphReader(node.graph.owning_module)
+    reader = GraphReader(node.graph.owning_module, hint=hint)
     try:
         av = reader.read(node)
         if not hasattr(av, "expr"):

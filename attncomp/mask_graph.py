@@ -32,11 +32,22 @@ MAX_NODES = 400
 __all__ = ["AXES", "AV", "GraphReader", "Refuse", "to_bool"]
 
 
+def size_hint(s) -> int:
+    """The example value of a (possibly symbolic) size, without adding a guard on it."""
+    if type(s) is int:
+        return s
+    hint = getattr(getattr(s, "node", None), "hint", None)
+    if hint is None:
+        raise Refuse(f"the size {s} has no example value")
+    return int(hint)
+
+
 class GraphReader:
     """Reads mask nodes into :class:`AV` values (memoised); ``runtime`` maps R-function names to nodes."""
 
-    def __init__(self, gm: fx.GraphModule | None = None):
+    def __init__(self, gm: fx.GraphModule | None = None, hint: bool = False):
         self.gm = gm
+        self.hint = hint  # read symbolic sizes as their example values (the proof holds for that shape only)
         self.memo: dict = {}
         self.runtime: dict[str, fx.Node] = {}
 
@@ -67,7 +78,9 @@ class GraphReader:
         if shape is None or dtype is None:
             raise Refuse(f"`{node.name}` has no shape metadata")
         if not all(type(s) is int for s in shape):
-            raise Refuse(f"`{node.name}` has a symbolic shape {tuple(shape)}; only static shapes are analysed")
+            if not self.hint:
+                raise Refuse(f"`{node.name}` has a symbolic shape {tuple(shape)}; only static shapes are analysed")
+            shape = [size_hint(s) for s in shape]
         return tuple(shape), dtype
 
     def result(self, node: fx.Node, expr) -> AV:
@@ -111,6 +124,8 @@ class GraphReader:
         if not isinstance(m, torch.Tensor) and not hasattr(m, "dtype"):
             if isinstance(m, (int, bool, float)) and not isinstance(m, torch.SymInt):
                 return m
+            if self.hint and isinstance(m, torch.SymInt):
+                return size_hint(m)
             raise Refuse(f"`{node.name}` is a run-time integer, not a compile-time constant")
         shape, dtype = self.out(node)
         if dtype.is_floating_point:

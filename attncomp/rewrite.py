@@ -53,7 +53,8 @@ def _terms_of(site: Site, uses=()) -> tuple[list, list, tuple]:
     steps = [(s[0], *[ref(a) for a in s[1:]]) for s in site.steps]
     if site.sdpa.get("attn_mask") is not None:
         site.sdpa = {**site.sdpa, "attn_mask": ref(site.sdpa["attn_mask"])}
-    masks = tuple(KernelMask(u.static, None if u.keep_src is None else ref(u.keep_src)[1], u.keep_fn, u.fill)
+    masks = tuple(KernelMask(u.static, None if u.keep_src is None else ref(u.keep_src)[1], u.keep_fn, u.fill,
+                             None if u.check_src is None else ref(u.check_src)[1], u.check_op)
                   for u in uses)
     return steps, terms, masks
 
@@ -79,8 +80,10 @@ def _erase_region(gm: fx.GraphModule, site: Site) -> None:
                 changed = True
 
 
-def rewrite(gm: fx.GraphModule, parsed_strategy, records: list) -> fx.GraphModule:
-    """Rewrite ``gm`` in place and return it."""
+def rewrite(gm: fx.GraphModule, parsed_strategy, records: list, checked_masks: bool = False) -> fx.GraphModule:
+    """Rewrite ``gm`` in place and return it. ``checked_masks``: the graph runs as captured (not
+    inside another compiler), so kernels may check per call a mask proved at the example shape of a
+    graph with symbolic sizes (see :func:`attncomp.analyze.recognise_masks`)."""
     from attncomp.passes import plan_site
 
     found = find_sites(gm)
@@ -104,11 +107,14 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list) -> fx.GraphModul
             records.append(SiteRecord(site.module_path, site.rule, "left", why, spec))
             continue
         uses, note = [], ()
-        rec = recognise_masks(site, spec, memo)
+        rec = recognise_masks(site, spec, memo, checked=checked_masks)
         if isinstance(rec, str):
             note = (f"mask kept as a tensor: {rec}",) if spec.mask != Full() and not _causal_only(spec) else ()
         else:
             site.steps, uses = rec
+            if any(u.check_src is not None for u in uses):
+                note = (f"sizes are symbolic: the mask is proved at the example shape {spec.dims.Lq}x{spec.dims.Lk} "
+                        "and checked against the graph's mask on every call",)
             if site.sdpa.get("attn_mask") is not None:  # the kernel rebuilds it from the proof
                 site.sdpa = {**site.sdpa, "attn_mask": None, "mask_from_proof": True}
             spec = analyze(site)
