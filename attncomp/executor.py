@@ -53,6 +53,12 @@ MISMATCH = ("calls at shapes where the graph's mask differs from the one proved 
             "site's own computation")
 
 
+def _version(t: Tensor | None) -> int | None:
+    """In-place writes bump a tensor's version; inference tensors keep none (a graph's mask is not
+    written after it is computed)."""
+    return None if t is None or t.is_inference() else t._version
+
+
 def _holds(m: KernelMask, actual: Tensor, visible: Tensor) -> bool:
     """Whether the graph's mask ``actual`` (as step ``m.check_op`` uses it) equals the proof ``visible``."""
     if m.check_op == "masked_fill":
@@ -297,8 +303,7 @@ class AttentionKernel(Approximation, nn.Module):
                                      "one shape is checked per call, which a compiled graph cannot do)")
             actual = terms[m.check_term]
             keep = terms[m.keep_term] if m.keep_term is not None else None
-            key = (m.static, m.keep_fn, m.check_op, m.fill, Lq, Lk, actual._version,
-                   None if keep is None else keep._version)
+            key = (m.static, m.keep_fn, m.check_op, m.fill, Lq, Lk, _version(actual), _version(keep))
             verdict = next((v for a, kp, k2, v in _CHECKS
                             if a() is actual and k2 == key and (keep is None or kp() is keep)), None)
             if verdict is None:

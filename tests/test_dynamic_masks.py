@@ -44,13 +44,14 @@ def _latest(fast):
     return rep.replaced[0]
 
 
-@torch.no_grad()
-def test_causal_mask_stays_proved_after_the_dynamic_recompile():
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_causal_mask_stays_proved_after_the_dynamic_recompile(mode):
     model = Attn(causal).eval()
     fast = attncomp.optimize(model)
-    for L in (16, 20, 24, 30):
-        x = torch.randn(2, L, H * D)
-        assert rel_err(fast(x), model(x)) <= 1e-5
+    with mode():
+        for L in (16, 20, 24, 30):
+            x = torch.randn(2, L, H * D)
+            assert rel_err(fast(x), model(x)) <= 1e-5
     row = _latest(fast)
     assert str(row.spec.mask) == "causal" and row.strategy != "eager"
     assert "sizes are symbolic" in row.reason and "checked against the graph's mask on every call" in row.reason
