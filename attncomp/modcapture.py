@@ -145,6 +145,7 @@ class ModuleCapture:
     def first_call(self, *args, **kwargs):
         """Run the model eagerly while finding owners; returns the model's output."""
         stack: list[nn.Module] = []
+
         def enter(mod, args):
             stack.append(mod)
 
@@ -185,8 +186,9 @@ class ModuleCapture:
             return
         for inner in [m for m in self.wrapped if _inside(self.paths[m], path)]:
             self._unwrap(inner)
-        for m, p in self.paths.items():
-            if type(m) is type(module) and m not in self.wrapped:
+        owners = [self.paths[w] for w in self.wrapped]
+        for m, p in self.paths.items():  # its alike instances, unless an owner around them covers them
+            if type(m) is type(module) and m not in self.wrapped and not any(_inside(p, o) for o in owners):
                 self._wrap(m, p)
 
     def _group(self, module: nn.Module, path: str) -> Group:
