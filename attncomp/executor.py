@@ -53,6 +53,18 @@ MISMATCH = ("calls at shapes where the graph's mask differs from the one proved 
             "site's own computation")
 
 
+def _right_padding(keep: Tensor | None, Lk: int) -> list[int] | None:
+    """Each sequence's key count when ``keep`` (``(B, 1, 1, Lk)``) keeps a non-empty prefix of every
+    sequence's keys (right padding), else None."""
+    if keep is None or keep.dim() != 4 or keep.shape[1:3] != (1, 1) or keep.shape[-1] != Lk:
+        return None
+    row = keep[:, 0, 0, :]
+    lengths = row.sum(-1)
+    if not bool((lengths > 0).all()) or not torch.equal(row, torch.arange(Lk, device=row.device) < lengths[:, None]):
+        return None
+    return lengths.tolist()
+
+
 def _version(t: Tensor | None) -> int | None:
     """In-place writes bump a tensor's version; inference tensors keep none (a graph's mask is not
     written after it is computed)."""
@@ -329,8 +341,17 @@ class AttentionKernel(Approximation, nn.Module):
         from .ops import choose_blocks
 
         keep, Lq, Lk = self._keep(terms), q.shape[2], k.shape[2]
+        lengths = _right_padding(keep, Lk) if self.static == Causal(0) and bias is None else None
+        if lengths is not None and len(lengths) != q.shape[0]:
+            lengths = lengths * q.shape[0] if len(lengths) == 1 else None
         if keep is None and isinstance(self.static, Causal):
             out, lse = runtime.dense_fwd(q, k, v, bias, scale, self.static.offset, 0.0)
+        elif lengths is not None and not runtime.use_triton(q):
+            # CPU, causal AND right padding: each sequence's keys cut to its length run the dense causal
+            # kernel (about 2x faster than any mask; causal is top-left aligned, as Causal(0) is)
+            parts = [runtime.dense_fwd(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], None, scale, 0, 0.0)
+                     for b, n in enumerate(lengths)]
+            out, lse = (torch.cat(x, 0) for x in zip(*parts))
         elif self.plan.strategy == "dense":
             visible = self._visible(Lq, Lk, terms, q.device)
             shift = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~visible, -math.inf)

@@ -140,3 +140,41 @@ def test_unknown_strategy_is_a_clear_error():
         attncomp.optimize(torch.nn.Linear(2, 2), strategy="fastest")
     with pytest.raises(ValueError, match="strategy must be one of"):
         attncomp.optimize(torch.nn.Linear(2, 2), strategy=3)
+
+
+def test_right_padding_lengths():
+    from attncomp.executor import _right_padding
+
+    def keep(rows):
+        return torch.tensor(rows, dtype=torch.bool)[:, None, None, :]
+
+    assert _right_padding(keep([[1, 1, 0], [1, 1, 1]]), 3) == [2, 3]
+    assert _right_padding(keep([[1, 0, 1], [1, 1, 1]]), 3) is None  # a hole: not right padding
+    assert _right_padding(keep([[0, 1, 1], [1, 1, 1]]), 3) is None  # left padding
+    assert _right_padding(keep([[0, 0, 0], [1, 1, 1]]), 3) is None  # an empty sequence
+    assert _right_padding(keep([[1, 1, 0]]), 4) is None  # another width
+    assert _right_padding(None, 3) is None
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@torch.no_grad()
+def test_gpt2_causal_padding_exact_on_both_paths(side):
+    """Right padding runs each sequence's keys on the dense causal kernel (CPU), left padding the
+    block-sparse op: both equal eager on every kept position."""
+    model = _hf("gpt2", "eager").eval()
+    ids = torch.randint(0, 128, (3, 24))
+    mask = torch.ones(3, 24, dtype=torch.long)
+    if side == "right":
+        mask[1, 17:] = 0
+        mask[2, 5:] = 0
+    else:
+        mask[1, :7] = 0
+        mask[2, :19] = 0
+    ref = model(ids, attention_mask=mask).last_hidden_state
+    fast = attncomp.optimize(model, example_inputs=(ids,), example_kwargs={"attention_mask": mask})
+    out = fast(ids, attention_mask=mask).last_hidden_state
+    rep = attncomp.explain(fast)
+    assert all(str(r.spec.mask) == "causal & key_padding" for r in rep.replaced) and len(rep.replaced) == LAYERS
+    assert all(r.kernel.calls["fused"] == 2 for r in rep.replaced)
+    keep = mask.bool()
+    assert rel_err(out[keep], ref[keep]) <= 1e-5
