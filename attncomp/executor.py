@@ -53,16 +53,16 @@ MISMATCH = ("calls at shapes where the graph's mask differs from the one proved 
             "site's own computation")
 
 
-def _right_padding(keep: Tensor | None, Lk: int) -> list[int] | None:
-    """Each sequence's key count when ``keep`` (``(B, 1, 1, Lk)``) keeps a non-empty prefix of every
-    sequence's keys (right padding), else None."""
-    if keep is None or keep.dim() != 4 or keep.shape[1:3] != (1, 1) or keep.shape[-1] != Lk:
+def _right_padding(keep: Tensor | None, B: int, Lk: int) -> list[int] | None:
+    """The key count of each of the ``B`` sequences when ``keep`` (``(B or 1, 1, 1, Lk)``) keeps a
+    non-empty prefix of every sequence's keys (right padding), else None."""
+    if keep is None or keep.dim() != 4 or keep.shape[0] not in (1, B) or keep.shape[1:] != (1, 1, Lk):
         return None
     row = keep[:, 0, 0, :]
     lengths = row.sum(-1)
     if not bool((lengths > 0).all()) or not torch.equal(row, torch.arange(Lk, device=row.device) < lengths[:, None]):
         return None
-    return lengths.tolist()
+    return lengths.expand(B).tolist()
 
 
 def _version(t: Tensor | None) -> int | None:
@@ -74,7 +74,7 @@ def _version(t: Tensor | None) -> int | None:
 def _holds(m: KernelMask, actual: Tensor, visible: Tensor) -> bool:
     """Whether the graph's mask ``actual`` (as step ``m.check_op`` uses it) equals the proof ``visible``."""
     if m.check_op == "masked_fill":
-        actual, visible = actual, ~visible  # the condition marks hidden positions
+        visible = ~visible  # the condition marks hidden positions
     elif m.check_op == "add":
         visible = torch.zeros((), dtype=actual.dtype, device=actual.device).masked_fill(~visible, m.fill)
     try:
@@ -341,12 +341,11 @@ class AttentionKernel(Approximation, nn.Module):
         from .ops import choose_blocks
 
         keep, Lq, Lk = self._keep(terms), q.shape[2], k.shape[2]
-        lengths = _right_padding(keep, Lk) if self.static == Causal(0) and bias is None else None
-        if lengths is not None and len(lengths) != q.shape[0]:
-            lengths = lengths * q.shape[0] if len(lengths) == 1 else None
+        lengths = (_right_padding(keep, q.shape[0], Lk)
+                   if self.static == Causal(0) and bias is None and not runtime.use_triton(q) else None)
         if keep is None and isinstance(self.static, Causal):
             out, lse = runtime.dense_fwd(q, k, v, bias, scale, self.static.offset, 0.0)
-        elif lengths is not None and not runtime.use_triton(q):
+        elif lengths is not None:
             # CPU, causal AND right padding: each sequence's keys cut to its length run the dense causal
             # kernel (about 2x faster than any mask; causal is top-left aligned, as Causal(0) is)
             parts = [runtime.dense_fwd(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], None, scale, 0, 0.0)
@@ -399,6 +398,9 @@ class AttentionKernel(Approximation, nn.Module):
         s = q @ k.transpose(-1, -2)
         for step in self.steps:
             op, args = step[0], [_ref(a, terms) for a in step[1:]]
+            if op == "mask" and self.masks[step[1]].check_term is not None:  # the graph's own mask and step
+                m = self.masks[step[1]]
+                op, args = m.check_op, [terms[m.check_term], m.fill]
             if op == "mul":
                 s = s * args[0]
             elif op == "div":
@@ -417,15 +419,6 @@ class AttentionKernel(Approximation, nn.Module):
                 s = s.reshape([int(_ref(a, terms)) for a in args[0]])
             elif op == "cast":
                 s = s.to(args[0])
-            elif op == "mask" and self.masks[step[1]].check_term is not None:  # the graph's own mask
-                m = self.masks[step[1]]
-                actual = terms[m.check_term]
-                if m.check_op == "add":
-                    s = s + actual
-                elif m.check_op == "masked_fill":
-                    s = s.masked_fill(actual, m.fill)
-                else:
-                    s = torch.where(actual, s, m.fill)
             elif op == "mask":  # a proven mask, rebuilt: hidden scores become the eager fill
                 m = self.masks[step[1]]
                 visible = self._visible(s.shape[-2], s.shape[-1], terms, s.device, (m,))

@@ -122,6 +122,13 @@ def cpu_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tens
     if Ht == Hq and G > 1:  # per-query-head tables: give every query head its own k / v rows
         k, v = _repeat_kv(k, G), _repeat_kv(v, G)
         Hkv, G = Hq, 1
+    grad = torch.is_grad_enabled()
+    # torch's fused kernel takes the mask as an additive -inf, which turns an Inf score at a hidden key into
+    # NaN; with NaN / Inf in q or k the masked_fill path below replaces hidden scores, as eager does
+    fused = (not grad and not softcap and q.device.type == "cpu" and D == Dv
+             and bool(torch.isfinite(q).all()) and bool(torch.isfinite(k).all()))
+    if fused and bool(valid.sum() >= DENSE_AT * valid.shape[0] * valid.shape[1] * nqb * nkb):
+        return _dense_forward(q, k, v, bias, keep, mask_expr, scale, acc, idx, valid, block_m, block_n)
     kp = _pad_to(k, 2, nkb * block_n).to(acc)
     vp = _pad_to(v, 2, nkb * block_n).to(acc)
     qp = _pad_to(q, 2, nqb * block_m).to(acc)
@@ -131,13 +138,6 @@ def cpu_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tens
                                                3, nkb * block_n, False)
     bias4 = None if bias is None else _pad_to(_pad_to(_full4(bias, Lq, Lk), 2, nqb * block_m),
                                                3, nkb * block_n).to(acc)
-    grad = torch.is_grad_enabled()
-    # torch's fused kernel takes the mask as an additive -inf, which turns an Inf score at a hidden key into
-    # NaN; with NaN / Inf in q or k the masked_fill path below replaces hidden scores, as eager does
-    fused = (not grad and not softcap and q.device.type == "cpu" and D == Dv
-             and bool(torch.isfinite(q).all()) and bool(torch.isfinite(k).all()))
-    if fused and bool(valid.sum() >= DENSE_AT * valid.shape[0] * valid.shape[1] * nqb * nkb):
-        return _dense_forward(q, k, v, bias, keep, mask_expr, scale, acc, idx, valid, block_m, block_n)
     static = keep4 is None and idx.shape[:2] == (1, 1)  # the table and visibility depend on shapes only
     runs = _band_runs(idx, valid, block_m, block_n) if fused and static else None
     if runs is not None:  # runs of query blocks that read keys at a fixed stride: views, no gather

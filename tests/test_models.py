@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import attncomp
-from conftest import rel_err
+from conftest import rel_err, tiny_gpt2
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -15,12 +15,10 @@ LAYERS = 2
 
 
 def _hf(kind: str, impl: str):
-    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
     if kind == "gpt2":
-        cfg = GPT2Config(n_layer=LAYERS, n_head=4, n_embd=64, vocab_size=128, n_positions=64,
-                         attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, attn_implementation=impl)
-        return GPT2Model(cfg)
+        return tiny_gpt2(LAYERS, impl)
     if kind == "bert":
         cfg = BertConfig(num_hidden_layers=LAYERS, num_attention_heads=4, hidden_size=64, intermediate_size=128,
                          vocab_size=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
@@ -148,12 +146,14 @@ def test_right_padding_lengths():
     def keep(rows):
         return torch.tensor(rows, dtype=torch.bool)[:, None, None, :]
 
-    assert _right_padding(keep([[1, 1, 0], [1, 1, 1]]), 3) == [2, 3]
-    assert _right_padding(keep([[1, 0, 1], [1, 1, 1]]), 3) is None  # a hole: not right padding
-    assert _right_padding(keep([[0, 1, 1], [1, 1, 1]]), 3) is None  # left padding
-    assert _right_padding(keep([[0, 0, 0], [1, 1, 1]]), 3) is None  # an empty sequence
-    assert _right_padding(keep([[1, 1, 0]]), 4) is None  # another width
-    assert _right_padding(None, 3) is None
+    assert _right_padding(keep([[1, 1, 0], [1, 1, 1]]), 2, 3) == [2, 3]
+    assert _right_padding(keep([[1, 1, 0]]), 3, 3) == [2, 2, 2]  # one mask broadcast over the batch
+    assert _right_padding(keep([[1, 0, 1], [1, 1, 1]]), 2, 3) is None  # a hole: not right padding
+    assert _right_padding(keep([[0, 1, 1], [1, 1, 1]]), 2, 3) is None  # left padding
+    assert _right_padding(keep([[0, 0, 0], [1, 1, 1]]), 2, 3) is None  # an empty sequence
+    assert _right_padding(keep([[1, 1, 0]]), 1, 4) is None  # another width
+    assert _right_padding(keep([[1, 1, 0], [1, 1, 1]]), 3, 3) is None  # another batch
+    assert _right_padding(None, 2, 3) is None
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
