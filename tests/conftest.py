@@ -22,6 +22,15 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def tiny_gpt2(n_layer: int = 2, impl: str = "eager", **config):
+    """transformers' GPT-2 with random weights: 4 heads of 16, vocabulary 128, no dropout; ``config``
+    overrides any other GPT2Config field (e.g. ``use_cache=False``)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=n_layer, n_head=4, n_embd=64, vocab_size=128, n_positions=64,
+                                  attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, attn_implementation=impl, **config)
+    return transformers.GPT2Model(cfg)
+
+
 def random_qkv_dout(c, g: torch.Generator) -> tuple[torch.Tensor, ...]:
     """Random q ``(B, Hq, Lq, D)``, k ``(B, hkv, lk, D)``, v ``(B, hkv, lk, dv)`` and dout
     ``(B, Hq, Lq, dv)`` in ``c.dtype`` for a test case ``c``; ``c.strided``: (B, L, H, D) storage

@@ -10,7 +10,7 @@ from torch import nn
 
 import attncomp
 from attncomp.executor import MISMATCH
-from conftest import rel_err
+from conftest import rel_err, tiny_gpt2
 
 H, D = 2, 8
 
@@ -86,10 +86,7 @@ def test_gradients_with_a_checked_mask():
 @pytest.mark.parametrize("pad", [0, 3])
 @torch.no_grad()
 def test_key_padding_from_a_runtime_mask_is_checked_per_call(pad):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=128, n_positions=64, attn_pdrop=0.0,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_implementation="eager", use_cache=False)
-    model = transformers.GPT2Model(cfg).eval()
+    model = tiny_gpt2(use_cache=False).eval()
     fast = attncomp.optimize(model)
     for L in (20, 24, 28, 31):
         ids = torch.randint(0, 128, (2, L))

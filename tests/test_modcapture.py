@@ -7,7 +7,7 @@ from torch import nn
 
 import attncomp
 from attncomp import backend
-from conftest import rel_err
+from conftest import rel_err, tiny_gpt2
 
 D, H = 32, 4
 
@@ -203,10 +203,7 @@ def test_bad_input_raises_the_models_error():
 @pytest.mark.parametrize("use_cache", [False, True])
 @torch.no_grad()
 def test_gpt2_layers_share_one_trace_unless_a_kv_cache_specialises_them(use_cache):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(n_layer=3, n_head=4, n_embd=64, vocab_size=128, n_positions=64, attn_pdrop=0.0,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_implementation="eager", use_cache=use_cache)
-    model = transformers.GPT2Model(cfg).eval()
+    model = tiny_gpt2(3, use_cache=use_cache).eval()
     ids = torch.randint(0, 128, (2, 20))
     ref = model(ids).last_hidden_state
     fast = attncomp.optimize(model, capture="modules", example_inputs=(ids,))
