@@ -126,6 +126,9 @@ class MaskUse:
     # ``check_src`` (as the step ``check_op`` used it) against it on every call
     check_src: torch.fx.Node | None = None
     check_op: str | None = None
+    # the graph's mask node and the step that reads it (the site's eager form gets it rebuilt from the proof)
+    src: torch.fx.Node | None = None
+    src_op: str | None = None
 
 
 def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None,
@@ -168,7 +171,7 @@ def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None,
             proof += (f"; sizes are symbolic: proved at the example shape {Lq}x{Lk}, and every call checks the "
                       "graph's mask against the proof (a call where it differs runs the site's own computation)")
         return MaskUse(fact.static, fact.keep_src, fact.keep_fn, fill, proof,
-                       node if symbolic else None, op if symbolic else None)
+                       node if symbolic else None, op if symbolic else None, node, op)
     if any(s[0] == "view" for s in site.steps):
         return "the scores are viewed between the product and the softmax"
     kept, uses, refused = [], [], []

@@ -26,16 +26,17 @@ class OptimizedModel(nn.Module):
     original model's keys.
     """
 
-    def __init__(self, model: nn.Module, strategy, capture: str):
+    def __init__(self, model: nn.Module, strategy, capture: str, verify: bool = True):
         super().__init__()
         self.model = C.clone_structure(model)
         self.capture = capture
-        self.backend = AttncompBackend(strategy)
+        self.verify = verify
+        self.backend = AttncompBackend(strategy, verify=verify)
         self.graph_breaks = 0
         self._fx_records: list[SiteRecord] = []
         self._runner = None
-        self._modcap = ModuleCapture(self.model, self.backend.strategy,
-                                     lambda: AttncompBackend(self.backend.strategy)) if capture == "modules" else None
+        make = lambda: AttncompBackend(self.backend.strategy, verify=verify)  # noqa: E731
+        self._modcap = ModuleCapture(self.model, self.backend.strategy, make) if capture == "modules" else None
 
     # -- capture -------------------------------------------------------------------------------
     def _build(self, args: tuple, kwargs: dict) -> None:
@@ -49,7 +50,7 @@ class OptimizedModel(nn.Module):
             gm = C.capture_fx(self.model, args)
         else:
             gm = C.capture_export(self.model, args)
-        rewrite(gm, self.backend.strategy, self._fx_records)
+        rewrite(gm, self.backend.strategy, self._fx_records, verify=self.verify)
         object.__setattr__(self, "_runner", gm)
         self.graph_module = gm
 
@@ -93,7 +94,7 @@ class OptimizedModel(nn.Module):
         # is of the model as written, and captures on its own first call
         with self._modcap.eager():
             model = copy.deepcopy(self.model, memo)
-        twin = OptimizedModel(model, self.backend.strategy, self.capture)
+        twin = OptimizedModel(model, self.backend.strategy, self.capture, self.verify)
         memo[id(self)] = twin
         twin.training = self.training  # the copied modules keep their own flags
         return twin
@@ -120,7 +121,7 @@ class OptimizedModel(nn.Module):
 
 
 def optimize(model: nn.Module, strategy="auto", example_inputs=None, capture: str = "dynamo",
-             example_kwargs: dict | None = None, tolerance: float | None = None) -> OptimizedModel:
+             example_kwargs: dict | None = None, tolerance: float | None = None, verify: bool = True) -> OptimizedModel:
     """Return a new module whose attention runs on attncomp kernels; ``model`` is not changed.
 
     Args:
@@ -140,6 +141,10 @@ def optimize(model: nn.Module, strategy="auto", example_inputs=None, capture: st
             (dense attention, or the exact tensor kernel), measured per site on the first call
             (``example_inputs``), above which the site runs exactly instead; ``explain`` reports
             each measured error.
+        verify: compare each replaced site's first fused call with the site's own eager computation on
+            the same inputs (default); a site that disagrees beyond its dtype's tolerance runs eagerly
+            from then on, with one warning, and ``explain`` shows the measured error. ``False`` skips
+            the check (and its one-time cost: one eager evaluation of each site).
 
     Parameters and buffers are shared with ``model``, not copied.
     """
@@ -150,7 +155,9 @@ def optimize(model: nn.Module, strategy="auto", example_inputs=None, capture: st
     strategy = with_tolerance(parse(strategy), tolerance)  # validates early, with the list of options
     if capture == "export" and example_inputs is None:
         raise ValueError("capture='export' needs example_inputs")
-    fast = OptimizedModel(model, strategy, capture)
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be True or False, got {verify!r}")
+    fast = OptimizedModel(model, strategy, capture, verify)
     if example_inputs is not None:
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
@@ -192,6 +199,8 @@ class Report:
                 reason = f"{reason}; {note}"
             if getattr(r.kernel, "eager_calls_note", None):
                 reason = f"{reason}; {r.kernel.eager_calls_note}"
+            if getattr(r.kernel, "verify_note", None):
+                reason = f"{reason}; {r.kernel.verify_note}"
             lines.append((r.path, r.rule, str(spec.dims) if spec else "-", str(spec.mask) if spec else "-",
                           r.strategy, r.status, reason))
         widths = [max([len(h)] + [len(str(x[i])) for x in lines]) for i, h in enumerate(head)]

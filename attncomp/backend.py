@@ -75,7 +75,7 @@ class AttncompBackend:
     """A Dynamo backend bound to a strategy and an inner compiler; keeps every site decision for
     ``explain`` (``records``) and counts the graphs it compiled (``graphs``)."""
 
-    def __init__(self, strategy="auto", inner="eager", inner_options: dict | None = None):
+    def __init__(self, strategy="auto", inner="eager", inner_options: dict | None = None, verify: bool = True):
         self.strategy = parse(strategy)
         self.inner = inner
         self.inner_options = dict(inner_options or {})
@@ -85,13 +85,15 @@ class AttncompBackend:
         # masks of graphs with symbolic sizes are checked per call by the kernels: only when they run
         # as captured (a compiler around them would trace the check away)
         self.checked_masks = inner == "eager"
+        # first-call verification needs the sites to run as captured too (a compiler traces them once)
+        self.verify = verify and inner == "eager"
         self.graphs = 0
         self.records: dict[tuple, SiteRecord] = {}
 
     def rewrite(self, gm: fx.GraphModule) -> fx.GraphModule:
         """Rewrite ``gm``'s attention sites in place (records kept for ``explain``)."""
         recs: list[SiteRecord] = []
-        rewrite(gm, self.strategy, recs, checked_masks=self.checked_masks)
+        rewrite(gm, self.strategy, recs, checked_masks=self.checked_masks, verify=self.verify)
         self.graphs += 1
         STATS["graphs"] += 1
         for i, r in enumerate(recs):

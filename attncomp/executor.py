@@ -1,36 +1,30 @@
-"""The module that replaces an attention site in a rewritten graph.
+"""The module that replaces a softmax attention site (a matched chain or an SDPA call).
 
-``AttentionKernel(q, k, v, *terms)`` replays the site's score program on the run-time tensors —
-scale, additive terms, masks, views — to get ``(scale, bias, keep, fill)``, then runs the plan's
-kernel through the ``attncomp::dense_fwd`` op. The eager chain itself stays available as
-:meth:`AttentionKernel.literal`: the exact computation the site did before (used for training
-dropout and for what the fused path cannot express), so a site is never silently different.
+``AttentionKernel(q, k, v, *terms, *extra)`` replays the site's score program on the run-time
+tensors — scale, additive terms, masks, views — to get ``(scale, bias, keep, fill)``, then runs the
+plan's kernel through the ``attncomp::dense_fwd`` / ``sparse_fwd`` ops. The site's own nodes stay
+available as its eager form (:class:`attncomp.sitemodule.SiteModule`): training dropout, calls the
+fused path cannot express and a failed first-call verification run them, so a site is never
+silently different.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 import weakref
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import blocks, runtime
 from .approx import Approximation
 from .ir import Causal, Mask, Plan, mask_and
+from .sitemodule import EagerThisCall as _EagerThisCall
+from .sitemodule import SiteModule, Unsupported, kernel_failed
 
 BIG = 1e30  # a fill value at or below -BIG masks a score exactly like -inf (see `_fold`)
-
-
-class Unsupported(Exception):
-    """The fused path cannot express this call; the literal path runs instead."""
-
-
-class _EagerThisCall(Exception):
-    """This call's inputs need the site's eager computation (the fused path stays for later calls)."""
+__all__ = ["AttentionKernel", "KernelMask", "Unsupported", "kernel_failed", "replay"]
 
 
 @dataclass(frozen=True)
@@ -178,36 +172,23 @@ def _to4d(x: Tensor) -> Tensor:
     return x
 
 
-def kernel_failed(site: nn.Module, error: Exception) -> None:
-    """A site's generated kernel failed to compile or launch: from now on the site (a module with
-    ``path`` and ``fallback_reason``) runs its exact eager computation; one warning says why.
-    While ``torch.compile`` traces, the error propagates instead."""
-    if torch.compiler.is_compiling():
-        raise error
-    site.fallback_reason = f"the fused kernel failed ({type(error).__name__}: {str(error)[:300]})"
-    warnings.warn(f"attncomp: site {site.path} runs its eager computation from now on: {site.fallback_reason}",
-                  stacklevel=3)
-
-
-class AttentionKernel(Approximation, nn.Module):
-    """Runs one attention site. Inputs: q ``(..., Lq, D)``, k ``(..., Lk, D)``, v ``(..., Lk, Dv)``
-    (after the site's view ops) and the score program's terms; output ``(..., Lq, Dv)``."""
+class AttentionKernel(Approximation, SiteModule):
+    """Runs one attention site. Inputs: q, k, v as the graph has them (the site's view ops bring
+    them to q ``(..., Lq, D)``, k ``(..., Lk, D)``, v ``(..., Lk, Dv)``), the score program's terms,
+    then what the site's eager form reads besides; output as the site's (``out_views``)."""
 
     def __init__(self, plan: Plan, steps, views, dropout: tuple, sdpa: dict, kv_groups: int,
                  path: str, softmax_dtype=None, out_views=(), masks: tuple[KernelMask, ...] = (), approx=None):
-        super().__init__()
+        super().__init__(path)
         self.plan, self.steps, self.views = plan, steps, views
         self.dropout_p, self.dropout_mode = dropout
-        self.sdpa, self.kv_groups, self.path = sdpa, kv_groups, path
+        self.sdpa, self.kv_groups = sdpa, kv_groups
         self.softmax_dtype, self.out_views = softmax_dtype, out_views
         self.masks = masks
         # an opt-in approximation (attncomp.Linear, or Sparse with topk), its error measured on the first call
         self.approx, self.approx_error, self.approx_rejected = approx, None, False
         self.static = mask_and(*(m.static for m in masks))
         self.expr = self.static.expr() if masks else None
-        self.fallback_reason: str | None = None
-        self.eager_calls_note: str | None = None  # some calls (not all) ran eagerly, and why
-        self.calls = {"fused": 0, "literal": 0}
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, strategy={self.plan.strategy}, mask={self.plan.spec.mask}"
@@ -217,28 +198,37 @@ class AttentionKernel(Approximation, nn.Module):
             return self.dropout_p if self.training else 0.0
         return self.dropout_p
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, *terms) -> Tensor:
-        q, k, v = (_apply_views(t, vw) for t, vw in zip((q, k, v), self.views))
-        return _apply_views(self._run(q, k, v, terms), self.out_views)
+    def use_fused(self, inputs: tuple) -> bool:
+        return self._dropout() == 0.0  # training dropout: the site's own nodes (same random stream)
 
-    def _run(self, q: Tensor, k: Tensor, v: Tensor, terms) -> Tensor:
-        if self._dropout() == 0.0 and self.fallback_reason is None:
-            try:
-                out = self.fused(q, k, v, terms)
-                self.calls["fused"] += 1
-                return out
-            except _EagerThisCall as e:
-                self.eager_calls_note = str(e)  # explain shows it; the fused path stays for later calls
-            except Unsupported as e:
-                self.fallback_reason = str(e)
-                warnings.warn(f"attncomp: site {self.path} runs its eager computation: {e}", stacklevel=2)
-            except Exception as e:  # a generated kernel that fails to compile or launch
-                kernel_failed(self, e)
-        self.calls["literal"] += 1
-        return self.literal(q, k, v, terms)
+    def fused(self, q: Tensor, k: Tensor, v: Tensor, *terms) -> Tensor:
+        q, k, v = (_apply_views(t, vw) for t, vw in zip((q, k, v), self.views))
+        return _apply_views(self._fused(q, k, v, terms), self.out_views)
+
+    def eager_bytes(self, inputs: tuple) -> int:
+        q, k = (_apply_views(t, vw) for t, vw in zip(inputs[:2], self.views))
+        return 3 * math.prod(q.shape[:-1]) * k.shape[-2] * max(q.element_size(), 4)
+
+    def verify_tolerance(self, dtype) -> float:
+        tol = super().verify_tolerance(dtype)
+        if self.approx is not None and not self.approx_rejected:  # the approximation's own tolerance
+            return max(tol, math.inf if self.approx.tolerance is None else self.approx.tolerance)
+        return tol
+
+    def rebuild_mask(self, j: int, op: str, dtype, args: tuple) -> Tensor:
+        """Proved mask ``j`` as the graph computed it for the step ``op`` (the proof says they are equal)."""
+        q, k = (_apply_views(t, vw) for t, vw in zip(args[:2], self.views))
+        m = self.masks[j]
+        terms = args[3:]
+        visible = self._visible(q.shape[-2], k.shape[-2], terms, q.device, (m,))
+        if op == "masked_fill":
+            return ~visible  # the condition marks hidden positions
+        if op == "add":
+            return torch.zeros((), dtype=dtype, device=q.device).masked_fill(~visible, m.fill)
+        return visible
 
     # ------------------------------------------------------------------ fused path
-    def fused(self, q: Tensor, k: Tensor, v: Tensor, terms) -> Tensor:
+    def _fused(self, q: Tensor, k: Tensor, v: Tensor, terms) -> Tensor:
         grouped = self.kv_groups > 1 or self.sdpa.get("enable_gqa")  # k, v keep Hkv heads
         if not grouped and k.shape[:-2] != q.shape[:-2]:
             raise Unsupported("q and k batch dims differ")
@@ -378,51 +368,3 @@ class AttentionKernel(Approximation, nn.Module):
                 part = part & m.keep_fn(terms[m.keep_term])
             visible = part if visible is None else visible & part
         return visible
-
-    # ------------------------------------------------------------------ literal path
-    def literal(self, q: Tensor, k: Tensor, v: Tensor, terms) -> Tensor:
-        """The site's own eager computation, step by step (exact semantics, including dropout)."""
-        if self.kv_groups > 1:  # a folded repeat_kv: repeat k, v as the site did
-            k, v = runtime._repeat_kv(k, self.kv_groups), runtime._repeat_kv(v, self.kv_groups)
-        if self.sdpa:
-            mask = _ref(self.sdpa["attn_mask"], terms) if self.sdpa.get("attn_mask") is not None else None
-            if self.sdpa.get("mask_from_proof") and self.masks[0].check_term is not None:
-                mask = terms[self.masks[0].check_term]  # the graph's own mask (symbolic sizes)
-            elif self.sdpa.get("mask_from_proof"):
-                mask = self._visible(q.shape[-2], k.shape[-2], terms, q.device)
-                if self.masks[0].fill > -math.inf:  # an additive mask: 0 where visible, fill elsewhere
-                    mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~mask, self.masks[0].fill)
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=self._dropout(), is_causal=bool(self.sdpa.get("is_causal")),
-                scale=self.sdpa.get("scale"), enable_gqa=bool(self.sdpa.get("enable_gqa")))
-        s = q @ k.transpose(-1, -2)
-        for step in self.steps:
-            op, args = step[0], [_ref(a, terms) for a in step[1:]]
-            if op == "mask" and self.masks[step[1]].check_term is not None:  # the graph's own mask and step
-                m = self.masks[step[1]]
-                op, args = m.check_op, [terms[m.check_term], m.fill]
-            if op == "mul":
-                s = s * args[0]
-            elif op == "div":
-                s = s / args[0]
-            elif op == "add":
-                s = s if args[0] is None else s + args[0]
-            elif op == "sub":
-                s = s - args[0]
-            elif op == "add_scaled":
-                s = s + args[0] * args[1]
-            elif op == "masked_fill":
-                s = s.masked_fill(args[0], args[1])
-            elif op == "masked_fill_not":
-                s = torch.where(args[0], s, args[1])
-            elif op == "view":
-                s = s.reshape([int(_ref(a, terms)) for a in args[0]])
-            elif op == "cast":
-                s = s.to(args[0])
-            elif op == "mask":  # a proven mask, rebuilt: hidden scores become the eager fill
-                m = self.masks[step[1]]
-                visible = self._visible(s.shape[-2], s.shape[-1], terms, s.device, (m,))
-                s = s.masked_fill(~visible, m.fill)
-        p = F.softmax(s, -1, dtype=self.softmax_dtype)
-        p = F.dropout(p, self._dropout(), training=self._dropout() > 0)
-        return p.to(v.dtype) @ v

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from . import ops_table as T
-from .executor import kernel_failed
 from .ir import AttentionSpec, Causal, Dims, Full, LinearForm, Plan, Score
 from .match import Miss, _swaps_last_two, module_path
+from .sitemodule import SiteModule
 
 aten = torch.ops.aten
 ELU = {F.elu, aten.elu.default} | {("method", "elu")}
@@ -314,31 +314,18 @@ def feature_of(form: LinearForm):
     return _identity if form.feature_map == "graph" else form.feature_map
 
 
-class LinearSiteKernel(nn.Module):
+class LinearSiteKernel(SiteModule):
     """Runs a recognised linear attention site on :func:`attncomp.linear.linear_attention`.
 
     Inputs q, k ``(..., L, D)`` (raw, or features when ``form.feature_map == "graph"``), v
     ``(..., L, Dv)`` with one or two leading axes; output ``(..., L, Dv)``."""
 
     def __init__(self, plan: Plan, form: LinearForm, path: str):
-        super().__init__()
-        self.plan, self.form, self.path = plan, form, path
-        self.fallback_reason: str | None = None
-        self.calls = {"fused": 0, "literal": 0}
+        super().__init__(path)
+        self.plan, self.form = plan, form
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, form={self.form}"
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        if self.fallback_reason is None:
-            try:
-                out = self.fused(q, k, v)
-                self.calls["fused"] += 1
-                return out
-            except Exception as e:  # the op failed (compile or launch): the eager formula from now on
-                kernel_failed(self, e)
-        self.calls["literal"] += 1
-        return self.literal(q, k, v)
 
     def fused(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         from .linear import EPS, linear_attention
@@ -354,17 +341,3 @@ class LinearSiteKernel(nn.Module):
                                    causal=causal, normalize=False)
             out = res[..., :-1] / (res[..., -1:] + eps)
         return out[0] if three else out
-
-    def literal(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """The naive formula, as the model wrote it."""
-        from .linear import feature
-
-        f = self.form.feature_map
-        fq, fk = (x if f == "graph" else feature(x, f) for x in (q, k))
-        if self.form.causal:
-            num = torch.einsum("...nd,...nde->...ne", fq, torch.einsum("...nd,...ne->...nde", fk, v).cumsum(-3))
-            den = (fq * fk.cumsum(-2)).sum(-1, keepdim=True)
-        else:
-            num = fq @ (fk.transpose(-2, -1) @ v)
-            den = fq @ fk.sum(-2, keepdim=True).transpose(-2, -1)
-        return num / (den + self.form.eps)

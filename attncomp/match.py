@@ -289,6 +289,9 @@ def _pv_operands(prod: fx.Node, p: fx.Node, gm) -> Operand | str:
         lhs, out = eq.replace(" ", "").split("->")
         a, b = lhs.split(",")
         batch, i, j = a[:-2], a[-2], a[-1]
+        if j in out or i not in out:
+            return (f"einsum `{eq}` does not contract the probabilities over their normalised (key) axis: "
+                    "not attention")
         e = (set(b) - set(a)).pop() if len(set(b) - set(a)) == 1 else None
         canon = batch + i + (e or "")
         if e is None or sorted(out) != sorted(canon) or sorted(b) != sorted(batch + j + e):
@@ -300,6 +303,9 @@ def _pv_operands(prod: fx.Node, p: fx.Node, gm) -> Operand | str:
         return operand
     if T.is_op(prod, T.MATMUL, gm) and prod.args[0] is p:
         return Operand(prod.args[1])
+    if T.is_op(prod, T.MATMUL, gm) and len(prod.args) > 1 and prod.args[1] is p:
+        return (f"`{prod.name}` = x @ P contracts the probabilities over their query axis, not over the normalised "
+                "key axis: not attention")
     return f"`{prod.name}` does not multiply the probabilities by v"
 
 

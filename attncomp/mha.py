@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from . import runtime
-from .executor import kernel_failed
 from .ir import AttentionSpec, Causal, Dims, Plan, Score, TensorMask, mask_and
+from .sitemodule import SiteModule
 
 _SIG = inspect.signature(F.multi_head_attention_forward)
 _MOD_SIG = inspect.signature(nn.MultiheadAttention.forward)
@@ -34,23 +34,37 @@ def _float_mask(m: Tensor | None, dtype) -> Tensor | None:
     return m.to(dtype)
 
 
-class MHAKernel(nn.Module):
-    """Runs one ``multi_head_attention_forward`` call with ``need_weights=False``.
+class MHAKernel(SiteModule):
+    """Runs one ``multi_head_attention_forward`` call whose weights are not used.
 
     Inputs are the call's tensors named in ``TENSORS`` (``None`` where absent); returns
     ``(out, None)`` like torch. query ``(L, B, E)`` (``(B, L, E)`` when ``batch_first``) or ``(L, E)``.
+    Training dropout runs the call itself (the site's eager form).
     """
 
     def __init__(self, plan: Plan, num_heads: int, dropout_p: float, training_const: bool | None,
                  is_causal: bool, separate: bool, batch_first: bool, path: str):
-        super().__init__()
+        super().__init__(path)
         self.plan, self.num_heads, self.dropout_p = plan, num_heads, dropout_p
         self.training_const, self.is_causal, self.separate = training_const, is_causal, separate
-        self.batch_first, self.path = batch_first, path
-        self.calls = {"fused": 0, "literal": 0}
-        self.fallback_reason = None
+        self.batch_first = batch_first
 
-    def forward(self, *tensors):
+    def _p(self) -> float:
+        training = self.training if self.training_const is None else self.training_const
+        return self.dropout_p if training else 0.0
+
+    def use_fused(self, inputs: tuple) -> bool:
+        return self._p() == 0
+
+    def comparable(self, out) -> list:
+        return [out[0]]  # the weights are not read (the rule requires it)
+
+    def eager_bytes(self, inputs: tuple) -> int:
+        query, key = inputs[0], inputs[1]
+        S = key.shape[1] if self.batch_first and key.dim() == 3 else key.shape[0]
+        return 3 * (query.numel() // query.shape[-1]) * S * max(query.element_size(), 4) * self.num_heads
+
+    def fused(self, *tensors):
         t = dict(zip(TENSORS, tensors))
         query, key, value = t["query"], t["key"], t["value"]
         if self.batch_first and query.dim() == 3:
@@ -80,18 +94,7 @@ class MHAKernel(nn.Module):
         if kpm is not None:
             kp = _float_mask(kpm, q.dtype).view(B, 1, 1, S)
             bias = kp if bias is None else bias + kp
-        training = self.training if self.training_const is None else self.training_const
-        p = self.dropout_p if training else 0.0
-        out = None
-        if p == 0 and self.fallback_reason is None:
-            try:
-                out, _ = runtime.dense_fwd(q, k, v, bias, 1.0 / math.sqrt(hd), 0 if causal else None, 0.0)
-                self.calls["fused"] += 1
-            except Exception as e:  # a generated kernel that fails to compile or launch
-                kernel_failed(self, e)
-        if out is None:  # torch's own computation for this call (need_weights=False: SDPA)
-            self.calls["literal"] += 1
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, is_causal=causal)
+        out, _ = runtime.dense_fwd(q, k, v, bias, 1.0 / math.sqrt(hd), 0 if causal else None, 0.0)
         out = out.permute(2, 0, 1, 3).reshape(L * B, E)
         out = F.linear(out, t["out_proj_weight"], t["out_proj_bias"]).view(L, B, E)
         if unbatched:

@@ -8,6 +8,7 @@ appended to ``records`` for ``explain``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from torch import fx
 
@@ -16,6 +17,7 @@ from .analyze import analyze, check_program, mask_of, recognise_masks
 from .executor import AttentionKernel, KernelMask
 from .ir import Causal, Full, Plan, mask_and
 from .match import Miss, Site, find_sites
+from .roles import prove as prove_roles
 from .strategies import for_site
 
 
@@ -30,6 +32,7 @@ class SiteRecord:
     spec: object = None
     plan: Plan | None = None
     kernel: AttentionKernel | None = None
+    roles: object = None  # attncomp.roles.Roles: q, k, v and the axes, as proved (softmax sites)
 
     @property
     def strategy(self) -> str:
@@ -80,10 +83,13 @@ def _erase_region(gm: fx.GraphModule, site: Site) -> None:
                 changed = True
 
 
-def rewrite(gm: fx.GraphModule, parsed_strategy, records: list, checked_masks: bool = False) -> fx.GraphModule:
+def rewrite(gm: fx.GraphModule, parsed_strategy, records: list, checked_masks: bool = False,
+            verify: bool = True) -> fx.GraphModule:
     """Rewrite ``gm`` in place and return it. ``checked_masks``: the graph runs as captured (not
     inside another compiler), so kernels may check per call a mask proved at the example shape of a
-    graph with symbolic sizes (see :func:`attncomp.analyze.recognise_masks`)."""
+    graph with symbolic sizes (see :func:`attncomp.analyze.recognise_masks`). ``verify``: each
+    replaced site compares its first fused call with its own eager nodes
+    (:class:`attncomp.sitemodule.SiteModule`)."""
     from attncomp.passes import plan_site
 
     found = find_sites(gm)
@@ -94,13 +100,17 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list, checked_masks: b
             records.append(SiteRecord(site.module_path, site.rule, "left", site.reason))
             continue
         if not isinstance(site, Site):  # linear / tensor attention: lowered whole to their op
-            _rewrite_lowered(gm, site, i, parsed_strategy, records, moved)
+            _rewrite_lowered(gm, site, i, parsed_strategy, records, moved, verify)
             continue
         requested = for_site(parsed_strategy, site.module_path)
         spec = analyze(site)
         if requested is None:
             records.append(SiteRecord(site.module_path, site.rule, "left",
                                       "no strategy pattern matches this module", spec))
+            continue
+        roles = prove_roles(site, gm)
+        if isinstance(roles, str):
+            records.append(SiteRecord(site.module_path, site.rule, "left", roles, spec))
             continue
         why = check_program(site)
         if why:
@@ -128,10 +138,12 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list, checked_masks: b
                                  site.sdpa, site.kv_groups, site.module_path, softmax_dtype,
                                  site.v.out_views, masks=masks,
                                  approx=requested if plan.spec.contract == "approx" else None)
-        _insert_call(gm, site, kernel, (site.q.node, site.k.node, site.v.node, *terms), f"attncomp_site_{i}", moved)
+        proved = {u.src: (j, u.src_op) for j, u in enumerate(uses) if u.src is not None}
+        _insert_call(gm, site, kernel, (site.q.node, site.k.node, site.v.node, *terms), f"attncomp_site_{i}", moved,
+                     verify, proved)
         records.append(SiteRecord(site.module_path, site.rule, "replaced", "; ".join(plan.reasons),
-                                  spec, plan, kernel))
-    _rewrite_mha(gm, parsed_strategy, records)
+                                  spec, plan, kernel, roles))
+    _rewrite_mha(gm, parsed_strategy, records, moved, verify)
     if any(r.kernel is not None and getattr(r.kernel, "masks", ()) for r in records):
         gm.graph.eliminate_dead_code()  # mask subgraphs no site reads any more
     gm.graph.lint()
@@ -139,10 +151,33 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list, checked_masks: b
     return gm
 
 
-def _insert_call(gm: fx.GraphModule, site, kernel, inputs: tuple, prefix: str, moved: dict) -> None:
+def _eager_inputs(gm: fx.GraphModule, site, kernel, inputs: tuple, verify: bool, proved: dict) -> tuple:
+    """Copy the site's own nodes into ``kernel`` (its eager form); returns the call's arguments: the
+    fused path's ``inputs``, then the other nodes the eager form reads. A proved mask the graph will
+    no longer compute is not passed: the kernel rebuilds it from the proof."""
+    from .sitemodule import extract_region
+
+    eager, reads = extract_region(gm, site.region, site.output)
+    args, where = list(inputs), []
+    for n in reads:
+        if n in args:
+            where.append(("arg", args.index(n)))
+        elif n in proved:
+            j, op = proved[n]
+            where.append(("mask", j, op, getattr(T.meta(n), "dtype", None)))
+        else:
+            args.append(n)
+            where.append(("arg", len(args) - 1))
+    kernel.attach_eager(eager, tuple(where), len(inputs), verify)
+    return tuple(args)
+
+
+def _insert_call(gm: fx.GraphModule, site, kernel, inputs: tuple, prefix: str, moved: dict, verify: bool = True,
+                 proved: dict | None = None) -> None:
     """Call ``kernel`` on ``inputs`` in place of ``site``'s output and erase the site's region. An
     input that is the output of a site replaced earlier in this rewrite (attention reading another
     site's result) is read from that site's new call (``moved``, updated here)."""
+    inputs = _eager_inputs(gm, site, kernel, inputs, verify, proved or {})
     inputs = tuple(moved.get(x, x) if isinstance(x, fx.Node) else x for x in inputs)
     name = prefix
     while hasattr(gm, name):
@@ -156,7 +191,8 @@ def _insert_call(gm: fx.GraphModule, site, kernel, inputs: tuple, prefix: str, m
     _erase_region(gm, site)
 
 
-def _rewrite_lowered(gm: fx.GraphModule, site, i: int, parsed_strategy, records: list, moved: dict) -> None:
+def _rewrite_lowered(gm: fx.GraphModule, site, i: int, parsed_strategy, records: list, moved: dict,
+                     verify: bool) -> None:
     """A site that is its own kernel kind (``site.spec()``, ``site.kernel(plan, requested)``,
     ``site.inputs``): naive linear attention, tensor attention."""
     from attncomp.passes import plan_site
@@ -168,11 +204,11 @@ def _rewrite_lowered(gm: fx.GraphModule, site, i: int, parsed_strategy, records:
         return
     plan = plan_site(spec, requested)
     kernel = site.kernel(plan, requested)
-    _insert_call(gm, site, kernel, tuple(site.inputs), f"attncomp_site_{i}", moved)
+    _insert_call(gm, site, kernel, tuple(site.inputs), f"attncomp_site_{i}", moved, verify)
     records.append(SiteRecord(site.module_path, site.rule, "replaced", "; ".join(plan.reasons), spec, plan, kernel))
 
 
-def _rewrite_mha(gm: fx.GraphModule, parsed_strategy, records: list) -> None:
+def _rewrite_mha(gm: fx.GraphModule, parsed_strategy, records: list, moved: dict, verify: bool) -> None:
     """Rule ``multihead_attention`` (``nn.MultiheadAttention`` / ``F.multi_head_attention_forward``)."""
     from attncomp.passes import plan_site
 
@@ -197,12 +233,7 @@ def _rewrite_mha(gm: fx.GraphModule, parsed_strategy, records: list) -> None:
             continue
         plan = plan_site(spec, requested)
         kernel = MHAKernel(plan, path=path, **kw)
-        name = f"attncomp_mha_{i}"
-        gm.add_submodule(name, kernel)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(name, tuple(args))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        _insert_call(gm, SimpleNamespace(region=[node], output=node), kernel, tuple(args), f"attncomp_mha_{i}",
+                     moved, verify)
         records.append(SiteRecord(path, "multihead_attention", "replaced", "; ".join(plan.reasons),
                                   spec, plan, kernel))

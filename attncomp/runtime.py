@@ -77,6 +77,20 @@ def _cpu_fused_ok(q: Tensor, softcap: float, causal_offset) -> bool:
     return q.device.type == "cpu" and softcap == 0.0 and causal_offset in (None, 0)
 
 
+def unit_stride(x: Tensor | None) -> Tensor | None:
+    """``x`` with a contiguous last axis. torch's fused CPU flash kernels read q (forward) and out
+    (backward) as if their last axis were contiguous without checking it: a transposed view — channel
+    attention's ``qᵀ``, say — gives wrong results, so every tensor handed to them goes through here."""
+    return x if x is None or x.stride(-1) == 1 or x.dim() == 0 else x.contiguous()
+
+
+def cpu_flash(q: Tensor, k: Tensor, v: Tensor, causal: bool, attn_mask: Tensor | None, scale: float):
+    """``aten._scaled_dot_product_flash_attention_for_cpu`` on unit-stride inputs: ``(out, lse)``."""
+    q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=attn_mask,
+                                                                      scale=scale)
+
+
 def _nonfinite(*ts) -> bool:
     return not all(bool(torch.isfinite(t).all()) for t in ts if t is not None)
 
@@ -94,8 +108,7 @@ def _cpu_fwd(q, k, v, bias, scale, causal_offset, softcap):
         kk, vv = _repeat_kv(k, groups), _repeat_kv(v, groups)
         mask = None if bias is None else bias.to(q.dtype).expand(
             q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, kk, vv, 0.0, causal_offset == 0, attn_mask=mask, scale=scale)
+        out, lse = cpu_flash(q, kk, vv, causal_offset == 0, mask, scale)
         lse = lse.float()
         if bias is not None:  # the fused kernel gives a row with no visible key lse 0: make it -inf
             hidden = torch.isneginf(bias.to(q.dtype))  # bias's own (broadcast) shape, not (B, H, Lq, Lk)
@@ -148,8 +161,8 @@ def _cpu_bwd(dout, q, k, v, bias, out, lse, scale, causal_offset, softcap, want_
         mask = None if bias is None else bias.to(q.dtype).expand(
             q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, kk, vv, out, lse.masked_fill(torch.isneginf(lse), 0.0), 0.0, causal_offset == 0,
-            attn_mask=mask, scale=scale)  # rows with no visible key: the kernel's own lse (0)
+            *(unit_stride(t) for t in (dout, q, kk, vv, out)), lse.masked_fill(torch.isneginf(lse), 0.0), 0.0,
+            causal_offset == 0, attn_mask=mask, scale=scale)  # rows with no visible key: the kernel's own lse (0)
         dbias = None
     else:
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32

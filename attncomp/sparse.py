@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import validate
 from .blocks import _LRU, BlockTable, eval_expr
-from .runtime import _repeat_kv, use_triton
+from .runtime import _repeat_kv, cpu_flash, use_triton
 
 _SCORE_BUDGET = 1 << 24  # score elements per chunk of query blocks in the CPU executor
 # CPU inference: above this fraction of visited tiles, one fused call on the materialised mask beats
@@ -176,8 +176,7 @@ def cpu_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tens
             qf = qg[:, :, q0:q0 + nq].permute(2, 0, 1, 3, 4).reshape(nq, B * Hkv, G * block_m, D)
             kf = kg.permute(2, 0, 1, 3, 4).reshape(nq, B * Hkv, K * block_n, D)
             vf = vg.permute(2, 0, 1, 3, 4).reshape(nq, B * Hkv, K * block_n, Dv)
-            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qf, kf, vf, 0.0, False,
-                                                                              attn_mask=mask, scale=scale)
+            o, lse = cpu_flash(qf, kf, vf, False, mask, scale)
             lse = lse.float().masked_fill(empty, float("-inf")).expand(nq, B * Hkv, G * block_m)
             lse = lse.reshape(nq, B, Hkv, G, block_m).permute(1, 2, 0, 3, 4)
             o = o.view(nq, B, Hkv, G, block_m, Dv).permute(1, 2, 0, 3, 4, 5)
@@ -246,8 +245,7 @@ def _dense_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: T
         add = torch.zeros((), dtype=acc).masked_fill(~(vis | empty), float("-inf"))
         if bias is not None:
             add = add + _full4(bias, Lq, Lk)[:, :, r0:r1].to(acc)
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qa[:, :, r0:r1], ka, va, 0.0, False, attn_mask=add.expand(B, Hq, r1 - r0, Lk), scale=scale)
+        o, lse = cpu_flash(qa[:, :, r0:r1], ka, va, False, add.expand(B, Hq, r1 - r0, Lk), scale)
         outs.append(o.masked_fill(empty, 0.0))
         lses.append(lse.float().masked_fill(empty.squeeze(-1).expand(B, Hq, r1 - r0), float("-inf")))
     return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2)

@@ -24,10 +24,10 @@ from torch import Tensor, fx, nn
 
 from . import ops_table as T
 from .approx import Approximation
-from .executor import kernel_failed
 from .ir import AttentionSpec, Dims, Full, Plan, Score, TensorForm
 from .linear_site import einsum_operands
 from .match import Miss, _neg_dim, module_path
+from .sitemodule import SiteModule
 
 aten = torch.ops.aten
 RESHAPES = (T.VIEW | {torch.flatten, torch.unflatten, aten.flatten.using_ints, aten.unflatten.int, aten.view_as.default}
@@ -187,7 +187,7 @@ def _match(sm, gm, prod, scale, between, path) -> TensorSite:
 # ------------------------------------------------------------------------------------------------
 
 
-class TensorSiteKernel(Approximation, nn.Module):
+class TensorSiteKernel(Approximation, SiteModule):
     """Runs a recognised tensor-attention site: q ``(..., Lq, D)``, k1/k2 ``(..., L1/L2, D)``,
     v1/v2 ``(..., L1/L2, Dv)`` with one or two leading axes → ``(..., Lq, Dv)``.
 
@@ -198,29 +198,30 @@ class TensorSiteKernel(Approximation, nn.Module):
     approx_baseline = "exact"
 
     def __init__(self, plan: Plan, form: TensorForm, path: str, approx=None):
-        super().__init__()
-        self.plan, self.form, self.path, self.approx = plan, form, path, approx
+        super().__init__(path)
+        self.plan, self.form, self.approx = plan, form, approx
         self.approx_error, self.approx_rejected, self.approx_failed = None, False, None
-        self.fallback_reason: str | None = None
-        self.calls = {"fused": 0, "literal": 0}
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, strategy={self.plan.strategy}, {self.form}"
 
-    def forward(self, q: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor) -> Tensor:
-        if self.fallback_reason is None:
-            try:
-                three = q.dim() == 3
-                args = tuple(x[None] for x in (q, k1, k2, v1, v2)) if three else (q, k1, k2, v1, v2)
-                out = self.fused(*args)
-                self.calls["fused"] += 1
-                return out[0] if three else out
-            except Exception as e:  # the op failed (compile or launch): the eager formula from now on
-                kernel_failed(self, e)
-        self.calls["literal"] += 1
-        return self.literal(q, k1, k2, v1, v2)
+    def eager_bytes(self, inputs: tuple) -> int:
+        q, k1, k2 = inputs[:3]
+        return 3 * math.prod(q.shape[:-1]) * k1.shape[-2] * k2.shape[-2] * max(q.element_size(), 4)
 
-    def fused(self, *qkv: Tensor) -> Tensor:
+    def verify_tolerance(self, dtype) -> float:
+        tol = super().verify_tolerance(dtype)
+        if self.approx is not None and not self.approx_rejected:  # the approximation's own tolerance
+            return max(tol, math.inf if self.approx.tolerance is None else self.approx.tolerance)
+        return tol
+
+    def fused(self, q: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor) -> Tensor:
+        three = q.dim() == 3
+        args = tuple(x[None] for x in (q, k1, k2, v1, v2)) if three else (q, k1, k2, v1, v2)
+        out = self._exact_or_approx(*args)
+        return out[0] if three else out
+
+    def _exact_or_approx(self, *qkv: Tensor) -> Tensor:
         from .tensor import tensor_attention
 
         if self.approx_active():
@@ -248,9 +249,3 @@ class TensorSiteKernel(Approximation, nn.Module):
         if self.approx_failed:
             return f"the low-rank approximation failed ({self.approx_failed}): runs exact"
         return super().approx_note()
-
-    def literal(self, q: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor) -> Tensor:
-        """The naive formula: the full score cube."""
-        s = torch.einsum("...id,...jd,...ld->...ijl", q, k1, k2) * self.form.scale
-        p = torch.softmax(s.flatten(-2), -1).view_as(s)
-        return torch.einsum("...ijl,...jd,...ld->...id", p, v1, v2)
