@@ -80,7 +80,7 @@ def module_path(node: fx.Node) -> str:
     ``named_modules()`` — ``""`` for the model's own ``forward`` (``explain`` shows it as ``<model>``).
 
     Graphs captured by :func:`attncomp.optimize` carry that name, resolved against the model
-    (:func:`attncomp.capture.label_module_paths`); other graphs (``torch.compile(backend="attncomp")``)
+    (:func:`label_module_paths`); other graphs (``torch.compile(backend="attncomp")``)
     are read from fx/Dynamo metadata (:func:`dotted`)."""
     if PATH_META in node.meta:
         return node.meta[PATH_META]

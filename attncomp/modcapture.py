@@ -115,8 +115,8 @@ class Group:
     cls: type
     backend: AttncompBackend
     compiled: object
-    owner_path: str = ""  # the instance now calling the compiled forward, and its path
-    owner: nn.Module | None = None
+    owner: nn.Module | None = None  # the instance now calling the compiled forward
+    owner_path: str = ""  # its path in the model
     paths: list[str] = field(default_factory=list)
     latest: tuple[str, list] = ("", [])  # (the owner it was traced for, its records): the newest graph
 
