@@ -2,7 +2,11 @@
 
 ``attncomp.optimize(model)`` finds every attention site in a model's graph and runs it on
 generated kernels; ``attncomp.explain(optimized)`` says what was found, replaced or left, and why.
+The submodules the README documents as attributes (``attncomp.ops.attention``,
+``attncomp.tensor_lowrank.lowrank_tensor_attention``, …) import on first use.
 """
+
+import importlib
 
 from .api import OptimizedModel, Report, explain, optimize
 from .autotune import load_cache
@@ -13,3 +17,20 @@ from .strategies import Auto, Dense, Linear, Local, Sparse, Strategy, Tensor
 __all__ = ["optimize", "explain", "OptimizedModel", "Report", "AttentionSpec", "Plan", "Strategy", "Auto",
            "Dense", "Local", "Sparse", "Linear", "Tensor", "set_kernels", "load_cache"]
 __version__ = "0.1.0"
+
+# Submodules reachable as ``attncomp.<name>`` after a plain ``import attncomp``. They are imported
+# on first access (PEP 562 module ``__getattr__``) rather than here: ``import attncomp`` stays as
+# cheap as the public API above needs, and a user who never calls an op never loads it. The list is
+# explicit (not "any submodule") so that ``attncomp.cli`` or ``attncomp.__main__`` never run by
+# accident and a typo still raises ``AttributeError``.
+LAZY_SUBMODULES = ("ops", "linear", "tensor", "tensor_lowrank", "routing", "sparse", "blocks", "autotune", "ir")
+
+
+def __getattr__(name: str):
+    if name in LAZY_SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")  # also binds it on the package
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(LAZY_SUBMODULES))

@@ -12,9 +12,10 @@ from torch import nn
 from . import autotune
 from . import capture as C
 from .backend import AttncompBackend
+from .match import label_module_paths
 from .modcapture import ModuleCapture
 from .rewrite import SiteRecord, rewrite
-from .strategies import parse, with_tolerance
+from .strategies import ROOT_LABEL, parse, with_tolerance
 
 
 class OptimizedModel(nn.Module):
@@ -32,6 +33,7 @@ class OptimizedModel(nn.Module):
         self.capture = capture
         self.verify = verify
         self.backend = AttncompBackend(strategy, verify=verify)
+        self.backend.root = self.model  # Dynamo compiles self.model: its names are the model's
         self.graph_breaks = 0
         self._fx_records: list[SiteRecord] = []
         self._runner = None
@@ -50,6 +52,7 @@ class OptimizedModel(nn.Module):
             gm = C.capture_fx(self.model, args)
         else:
             gm = C.capture_export(self.model, args)
+        label_module_paths(gm, self.model)
         rewrite(gm, self.backend.strategy, self._fx_records, verify=self.verify)
         object.__setattr__(self, "_runner", gm)
         self.graph_module = gm
@@ -201,8 +204,8 @@ class Report:
                 reason = f"{reason}; {r.kernel.eager_calls_note}"
             if getattr(r.kernel, "verify_note", None):
                 reason = f"{reason}; {r.kernel.verify_note}"
-            lines.append((r.path, r.rule, str(spec.dims) if spec else "-", str(spec.mask) if spec else "-",
-                          r.strategy, r.status, reason))
+            lines.append((r.path or ROOT_LABEL, r.rule, str(spec.dims) if spec else "-",
+                          str(spec.mask) if spec else "-", r.strategy, r.status, reason))
         widths = [max([len(h)] + [len(str(x[i])) for x in lines]) for i, h in enumerate(head)]
         widths[-1] = len(head[-1])
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)

@@ -55,8 +55,8 @@ from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
-__all__ = ["FAILURES", "STATS", "bucket", "cache_path", "choose", "device_info", "entries", "load_cache", "mode",
-           "reset", "source_hash"]
+__all__ = ["FAILURES", "STATS", "bucket", "cache_path", "choose", "device_info", "ensure_file", "entries",
+           "load_cache", "mode", "reset", "source_hash"]
 
 FORMAT, FORMAT_VERSION = "attncomp-autotune", 1
 MODES = ("0", "1", "force")
@@ -234,6 +234,23 @@ def _persist(path: Path, key: tuple, entry: dict) -> None:
             STATS["writes"] += 1
     except (OSError, Timeout) as e:
         _report_once(f"write:{path}", f"cannot write cache file {path} ({e}); keeping results in memory")
+
+
+def ensure_file(path: str | os.PathLike) -> None:
+    """Create ``path`` as a valid cache with no entries when it does not exist yet; an existing file is
+    left as it is. ``attncomp tune`` always leaves its ``--out`` this way, also when nothing needed
+    tuning (tuned entries are merged into the file as they are found). A path that cannot be written
+    is reported once, like every cache write, and not raised."""
+    from filelock import FileLock, Timeout
+
+    p = Path(path).expanduser()
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(p) + ".lock", timeout=60):
+            if not p.exists():
+                _write(p, [])
+    except (OSError, Timeout) as e:
+        _report_once(f"write:{p}", f"cannot write cache file {p} ({e})")
 
 
 def _is_foreign(path: Path) -> bool:

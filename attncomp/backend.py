@@ -27,8 +27,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
-from torch import fx
+from torch import fx, nn
 
+from .match import label_module_paths
 from .rewrite import SiteRecord, rewrite
 from .strategies import parse
 
@@ -89,9 +90,15 @@ class AttncompBackend:
         self.verify = verify and inner == "eager"
         self.graphs = 0
         self.records: dict[tuple, SiteRecord] = {}
+        # The module Dynamo compiles (set by attncomp.optimize): site paths are resolved against it,
+        # so they are the model's own names. Without it (torch.compile(backend="attncomp")), they
+        # are read from Dynamo's metadata as they are.
+        self.root: nn.Module | None = None
 
     def rewrite(self, gm: fx.GraphModule) -> fx.GraphModule:
         """Rewrite ``gm``'s attention sites in place (records kept for ``explain``)."""
+        if self.root is not None:
+            label_module_paths(gm, self.root)
         recs: list[SiteRecord] = []
         rewrite(gm, self.strategy, recs, checked_masks=self.checked_masks, verify=self.verify)
         self.graphs += 1

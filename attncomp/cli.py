@@ -7,6 +7,12 @@
 ``--model`` names a factory (``pkg.module:fn`` or ``path/to/file.py:fn``) that takes no arguments
 and returns a module, or ``(module, make_inputs)`` with ``make_inputs(B, L)`` giving the positional
 inputs; without it, transformers models get random ``input_ids`` of shape ``(B, L)``.
+
+``tune`` and shape points the model rejects: a point whose inputs the model itself (eager, without
+attncomp) cannot run — e.g. a length beyond its position table — is reported in one line on stderr
+and skipped; the other points are tuned and ``--out`` is written with them. The exit status is 1
+only when the model rejected every point (nothing was run), else 0. A point the model runs but the
+optimized model fails on is attncomp's error: it is raised with its traceback.
 """
 
 from __future__ import annotations
@@ -155,6 +161,17 @@ def _run(torch, model, inputs: tuple, backward: bool) -> None:
             model(*inputs)
 
 
+def _eager_error(torch, model, inputs: tuple, backward: bool) -> str | None:
+    """``"IndexError: index out of range in self"`` when the model itself (eager, no attncomp) rejects
+    ``inputs``; ``None`` when it runs them. Only the first line of the message is kept."""
+    try:
+        _run(torch, model, inputs, backward)
+    except Exception as e:
+        lines = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return None
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     """Capture the model, run every shape point with autotuning on, write the cache to --out."""
     out = Path(args.out).expanduser().resolve()
@@ -174,14 +191,34 @@ def cmd_tune(args: argparse.Namespace) -> int:
     # a process whose first call has this shape sees): plans may differ between the two (a mask
     # proved from static sizes), and each plan's kernels need their own entries.
     fast = attncomp.optimize(model, capture=args.capture)
+    rejected = 0
     for i, pt in enumerate(points):
         _bar(i, len(points), f"B={pt['B']} L={pt['L']}", t0)
         inputs = _to(make_inputs(pt["B"], pt["L"]), device)
-        _run(torch, fast, inputs, args.backward)
-        if i > 0:
-            with torch._dynamo.config.patch(automatic_dynamic_shapes=False):  # a capture with static sizes
-                _run(torch, attncomp.optimize(model, capture=args.capture), inputs, args.backward)
+        try:
+            _run(torch, fast, inputs, args.backward)
+            if i > 0:
+                with torch._dynamo.config.patch(automatic_dynamic_shapes=False):  # a capture with static sizes
+                    _run(torch, attncomp.optimize(model, capture=args.capture), inputs, args.backward)
+        except Exception:
+            why = _eager_error(torch, model, inputs, args.backward)
+            if why is None:
+                raise  # the model itself runs this point: the failure is attncomp's, and its traceback says where
+            rejected += 1
+            # One line, then the next point: a model that takes only some of the lengths asked for
+            # (a position table shorter than L) still gets the others tuned.
+            newline = "\n" if sys.stderr.isatty() else ""  # ends the progress bar's line ("\r" on a terminal)
+            print(f"{newline}attncomp tune: skipped B={pt['B']} L={pt['L']}: {args.model} rejects it ({why})",
+                  file=sys.stderr, flush=True)
     _bar(len(points), len(points), "done", t0)
+    autotune.ensure_file(out)  # tuned entries are already in it; nothing tuned still leaves a valid cache
+    if rejected == len(points):
+        print(f"attncomp tune: {args.model} rejected every shape point, so nothing ran and nothing was added "
+              f"to {out}", file=sys.stderr)
+        return 1
+    if rejected:
+        print(f"attncomp tune: {rejected} of {len(points)} shape points skipped (the model rejects them, see "
+              "above); the others were run and tuned", file=sys.stderr)
     report = attncomp.explain(fast)
     tuned = autotune.STATS["tuned"] - before["tuned"]
     failed = autotune.STATS["failed"] - before["failed"]
@@ -269,7 +306,9 @@ def parser() -> argparse.ArgumentParser:
                        description="Capture the model, plan every attention site, run it at every shape point "
                                    "with autotuning on (one tuning per kernel and shape bucket) and write the "
                                    "results to --out (merged into it if it exists). Ship the file and load it with "
-                                   "attncomp.load_cache(path) or ATTNCOMP_AUTOTUNE_LOAD=path.")
+                                   "attncomp.load_cache(path) or ATTNCOMP_AUTOTUNE_LOAD=path. A shape point the model "
+                                   "itself rejects (e.g. L beyond its position table) is reported in one line and "
+                                   "skipped; exit status 1 only when the model rejected every point.")
     model_args(t, "B=1,L=512..8192")
     t.add_argument("--out", required=True, help="cache file to write (JSON)")
     t.add_argument("--force", action="store_true", help="re-tune keys already in --out")

@@ -25,6 +25,7 @@ from torch import fx, nn
 from . import ops_table as T
 
 COUNTERS: collections.Counter = collections.Counter()
+PATH_META = "attncomp_module_path"  # node.meta key: the model's own path of the module that created the node
 
 
 @dataclass
@@ -61,17 +62,63 @@ class Miss:
     module_path: str = "?"
 
 
-def module_path(node: fx.Node) -> str:
-    """Module path (``h.0.attn``) of the module that created ``node``, from fx/Dynamo metadata."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return "<top>"
-    path = list(stack.values())[-1][0]
-    path = re.sub(r"^L\['self'\]\.?|^self\.?", "", path)
+def dotted(source: str) -> str:
+    """A module source recorded by Dynamo, fx or export as a dotted module path relative to the module
+    being compiled: ``L['self'].layers[3]._modules['attn']`` → ``layers.3.attn``. The frame's local
+    that holds that module (``L['self']``, or ``L['args'][0]`` when its ``forward`` is wrapped by a
+    ``def wrapper(*args, **kwargs)`` decorator) and fx's ``self`` are dropped; the module itself is ``""``."""
+    path = re.sub(r"^L\['[^']*'\](\[\d+\])*", "", source)
+    path = re.sub(r"^self(?=\.|$)", "", path)
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']+)'\]", r".\1", path)
-    return path.strip(".") or "<top>"
+    return path.strip(".")
+
+
+def module_path(node: fx.Node) -> str:
+    """Module path (``h.0.attn``) of the module that created ``node``: its name in the model's
+    ``named_modules()`` — ``""`` for the model's own ``forward`` (``explain`` shows it as ``<model>``).
+
+    Graphs captured by :func:`attncomp.optimize` carry that name, resolved against the model
+    (:func:`label_module_paths`); other graphs (``torch.compile(backend="attncomp")``)
+    are read from fx/Dynamo metadata (:func:`dotted`)."""
+    if PATH_META in node.meta:
+        return node.meta[PATH_META]
+    stack = node.meta.get("nn_module_stack")
+    return dotted(list(stack.values())[-1][0]) if stack else ""
+
+
+def label_module_paths(gm: fx.GraphModule, root: nn.Module, prefix: str = "") -> None:
+    """Record on every node of ``gm`` (``node.meta[PATH_META]``, read by :func:`module_path`) the path
+    in the model of the module that created it. ``gm`` was captured from ``root``'s ``forward`` and
+    ``root`` is the model's module at ``prefix`` (``""``: the model itself). Dynamo names modules by
+    how the compiled frame reached them (``L['args'][0].model.layers[3]``); each name is resolved
+    against ``root`` here, so the path is the one ``model.named_modules()`` gives. A node outside
+    every submodule (the root's own ``forward``) gets ``prefix``."""
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        name = _resolve(*list(stack.values())[-1], root) if stack else ""
+        node.meta[PATH_META] = ".".join(p for p in (prefix, name) if p)
+
+
+def _resolve(source: str, cls, root: nn.Module) -> str:
+    """The name in ``root.named_modules()`` of the module recorded as ``source`` with class ``cls``
+    (a type; export records its qualified name): the longest tail of :func:`dotted` ``(source)`` that
+    names a submodule of that class. The class check keeps a head of the source that happens to be a
+    module name from being taken for one. A module that is not a registered submodule (kept in a
+    plain list, made in ``forward``) has no such name: it keeps the name :func:`dotted` reads."""
+    path = dotted(source)
+    parts = path.split(".") if path else []
+    for i in range(len(parts) + 1):
+        name = ".".join(parts[i:])
+        try:
+            mod = root.get_submodule(name)
+        except AttributeError:
+            continue
+        qualname = f"{type(mod).__module__}.{type(mod).__qualname__}"
+        if type(mod) is cls or cls == qualname:
+            return name
+    return path
 
 
 # --------------------------------------------------------------------------------------------

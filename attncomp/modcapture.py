@@ -35,7 +35,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .backend import AttncompBackend
-from .strategies import for_site
+from .match import label_module_paths
+from .strategies import ROOT_LABEL, for_site
 
 MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.bmm,
            torch.Tensor.bmm, torch.einsum, torch.baddbmm, torch.Tensor.baddbmm}
@@ -114,7 +115,8 @@ class Group:
     cls: type
     backend: AttncompBackend
     compiled: object
-    owner_path: str = ""  # the instance now calling the compiled forward
+    owner: nn.Module | None = None  # the instance now calling the compiled forward
+    owner_path: str = ""  # its path in the model
     paths: list[str] = field(default_factory=list)
     latest: tuple[str, list] = ("", [])  # (the owner it was traced for, its records): the newest graph
 
@@ -196,7 +198,7 @@ class ModuleCapture:
         submodule path resolves to the same strategies are alike."""
         key: tuple = (type(module),)
         if isinstance(self.strategy, dict):
-            key += tuple((p[len(path):], id(for_site(self.strategy, p or "<top>")))
+            key += tuple((p[len(path):], id(for_site(self.strategy, p)))
                          for p in sorted(self.paths.values()) if _inside(p, path))
         if key not in self.groups:
             backend = self.make_backend()
@@ -217,7 +219,7 @@ class ModuleCapture:
                 for d in module.modules():
                     for h in self._handles.pop(d, ()) if d is not module else ():
                         h.remove()
-            group.owner_path = path
+            group.owner, group.owner_path = module, path
             with _outside(self._recorder), _recompile_room(limit_room):
                 return group.compiled(module, *args, **kwargs)
 
@@ -254,27 +256,24 @@ class ModuleCapture:
         for g in self.groups.values():
             if not g.paths:
                 continue
-            shown = ", ".join(g.paths[:3]) + (f", … {g.paths[-1]}" if len(g.paths) > 3 else "")
+            paths = [p or ROOT_LABEL for p in g.paths]
+            shown = ", ".join(paths[:3]) + (f", … {paths[-1]}" if len(paths) > 3 else "")
             lines.append(f"{g.cls.__name__} ×{len(g.paths)} ({shown}): {g.backend.graphs} graph(s) compiled "
                          "for them all")
         return lines
 
 
 class _Relabel:
-    """The group's backend, with module paths in the graph made absolute: the graph is traced from
-    ``type(owner).forward(owner, ...)``, so its paths are relative to the owner (``L['self']``)."""
+    """The group's backend, with the model's module paths in the graph: the graph is traced from
+    ``type(owner).forward(owner, ...)``, so Dynamo names modules relative to the owner; they are
+    resolved against it and put under its path (:func:`attncomp.match.label_module_paths`)."""
 
     def __init__(self, group: Group):
         self.group = group
 
     def __call__(self, gm, example_inputs):
         prefix = self.group.owner_path
-        for node in gm.graph.nodes:
-            stack = node.meta.get("nn_module_stack")
-            if stack:
-                node.meta["nn_module_stack"] = {k: (_absolute(prefix, p), t) for k, (p, t) in stack.items()}
-            else:
-                node.meta["nn_module_stack"] = {"attncomp_owner": (prefix, object)}
+        label_module_paths(gm, self.group.owner, prefix)
         backend = self.group.backend
         before = set(map(id, backend.records.values()))
         compiled = backend(gm, example_inputs)
@@ -284,14 +283,6 @@ class _Relabel:
 
 def _inside(path: str, outer: str) -> bool:
     return outer == "" or path == outer or path.startswith(outer + ".")
-
-
-def _absolute(prefix: str, p: str) -> str:
-    for head in ("L['self']", "self"):
-        if p.startswith(head):
-            rest = p[len(head):]
-            return prefix + rest if prefix else rest.lstrip(".")
-    return p
 
 
 @contextlib.contextmanager

@@ -119,6 +119,9 @@ class Tensor(Strategy):
 
 BY_NAME = {cls.name: cls for cls in (Auto, Dense, Local, Sparse, Linear, Tensor)}
 OPTIONS = ", ".join(repr(n) for n in BY_NAME)
+# How explain names a site in the model's own forward (its module path is "", the model's name in
+# named_modules()); a strategy dict may key it either way.
+ROOT_LABEL = "<model>"
 
 
 def parse(strategy) -> Strategy | dict:
@@ -158,10 +161,12 @@ def with_tolerance(parsed: Strategy | dict, tolerance: float | None) -> Strategy
 
 
 def for_site(parsed: Strategy | dict, path: str) -> Strategy | None:
-    """The strategy that applies to the site at module ``path`` (``None``: leave it eager)."""
+    """The strategy that applies to the site at module ``path`` (``None``: leave it eager). ``path`` is
+    the module's name in ``model.named_modules()``; the model's own ``forward`` is ``""``, which the
+    pattern ``"<model>"`` (:data:`ROOT_LABEL`, what ``explain`` shows for it) also matches."""
     if isinstance(parsed, Strategy):
         return parsed
     for pattern, s in parsed.items():
-        if fnmatch.fnmatchcase(path, pattern):
+        if fnmatch.fnmatchcase(path, pattern) or (path == "" and pattern == ROOT_LABEL):
             return s
     return None

@@ -14,14 +14,16 @@ import torch
 from torch import nn
 
 
-def gpt2_tiny(n_layer: int = 2) -> tuple[nn.Module, object]:
+def gpt2_tiny(n_layer: int = 2, n_positions: int = 8192) -> tuple[nn.Module, object]:
     """A GPT-2-shaped transformers model: ``n_layer`` layers, 2 heads, hidden 32, eager attention.
 
-    Inputs: ``input_ids`` (B, L) int64, L <= 1024."""
+    Inputs: ``input_ids`` (B, L) int64, L <= ``n_positions`` (GPT-2's learned position table; the
+    default covers the README's ``attncomp tune --shapes "B=1,L=512..8192"``). A longer L is
+    rejected by the model (``IndexError`` in the position embedding)."""
     from transformers import GPT2Config, GPT2Model
 
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=n_layer, n_head=2, n_embd=32, vocab_size=64, n_positions=1024, attn_pdrop=0.0,
+    cfg = GPT2Config(n_layer=n_layer, n_head=2, n_embd=32, vocab_size=64, n_positions=n_positions, attn_pdrop=0.0,
                      resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0,
                      attn_implementation="eager")
     model = GPT2Model(cfg).eval()

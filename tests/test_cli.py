@@ -3,6 +3,7 @@ CPU (Triton kernels under the interpreter) with the cache made by ``tune`` answe
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -101,3 +102,68 @@ def test_inspect_with_module_capture(clean_tuner, capsys):
     shown = capsys.readouterr().out
     assert "2 replaced, 0 left; capture=modules, graphs=1" in shown
     assert "GPT2Block ×2 (h.0, h.1): 1 graph(s) compiled for them all" in shown
+
+
+SHORT_FACTORY = """
+from examples.small_model import gpt2_tiny
+
+
+def short():
+    return gpt2_tiny(n_positions={n})
+"""
+
+
+def _short_model(tmp_path, n_positions: int):
+    """A ``file.py:factory`` spec for ``gpt2_tiny`` with a position table of ``n_positions``, and the
+    error the model itself raises one past it (what ``tune`` must report)."""
+    path = tmp_path / "short_model.py"
+    path.write_text(SHORT_FACTORY.format(n=n_positions))
+    sys.path.insert(0, ROOT)
+    from examples.small_model import gpt2_tiny
+
+    model, make_inputs = gpt2_tiny(n_positions=n_positions)
+    with pytest.raises(Exception) as e, torch.no_grad():
+        model(*make_inputs(1, n_positions + 1))
+    return f"{path}:short", f"{type(e.value).__name__}: {str(e.value).strip().splitlines()[0]}"
+
+
+def test_tune_skips_points_the_model_rejects_and_tunes_the_rest(clean_tuner):
+    out = clean_tuner / "cache.json"
+    spec, error = _short_model(clean_tuner, 32)
+    env = {**os.environ, "ATTNCOMP_AUTOTUNE_REPS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "attncomp", "tune", "--model", spec, "--shapes", "B=1,L=16..64",
+                           "--kernels", "triton", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    skipped = [line for line in proc.stderr.splitlines() if "skipped" in line]
+    assert skipped[0] == f"attncomp tune: skipped B=1 L=64: {spec} rejects it ({error})"
+    assert skipped[1].startswith("attncomp tune: 1 of 3 shape points skipped") and len(skipped) == 2
+    assert "2 replaced, 0 left" in proc.stdout
+    entries = json.loads(out.read_text())["entries"]
+    assert sorted({e["bucket"]["Lq"] for e in entries if e["kernel"] == "dense_fwd"}) == [16, 32]
+
+
+def test_tune_fails_only_when_every_point_is_rejected(clean_tuner, capsys):
+    out = clean_tuner / "cache.json"
+    spec, error = _short_model(clean_tuner, 8)
+    assert cli.main(["tune", "--model", spec, "--shapes", "B=1,L=16|32", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    for n in (16, 32):
+        assert f"attncomp tune: skipped B=1 L={n}: {spec} rejects it ({error})" in err
+    assert f"{spec} rejected every shape point" in err
+    assert json.loads(out.read_text())["entries"] == []  # a valid cache file, with nothing in it
+
+
+def test_readme_tune_example_has_no_rejected_point(clean_tuner, capsys):
+    """The README's own command, as written, on the CPU executor (nothing to tune there, but every
+    point must run, and the cache file must be written)."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    (line,) = [ln for ln in readme.splitlines() if ln.startswith("attncomp tune ")]
+    argv = shlex.split(line)[1:]
+    out = clean_tuner / argv[argv.index("--out") + 1]
+    argv[argv.index("--out") + 1] = str(out)
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "skipped" not in captured.err and "done" in captured.err
+    assert json.loads(out.read_text())["format"] == "attncomp-autotune"

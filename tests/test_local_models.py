@@ -1,5 +1,8 @@
 """Masks built inside real models are recognised from the graph and run on the block-sparse kernel."""
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -179,3 +182,34 @@ def test_gqa_sdpa_training_dropout_runs_the_literal_site():
     ref = model(ids).last_hidden_state
     assert all(k.calls["literal"] >= 1 for k in _kernels(fast))
     assert rel_err(out, ref) <= 1e-6
+
+
+
+def _quickstart():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    import quickstart
+
+    return quickstart
+
+
+QUICKSTART_CASES = {  # model (smaller than the demo's), its inputs, the mask it must be proved to have
+    "sliding-window": (lambda q: q.SlidingWindowLM(window=64), lambda: (torch.randint(0, 1000, (1, 512)),),
+                       "window(63,0)"),
+    "neighborhood": (lambda q: q.NeighborhoodViT(kernel=7), lambda: (torch.randn(1, 3, 64, 64),),
+                     "neighborhood(16x16,k=7x7)"),
+}
+
+
+@pytest.mark.parametrize("case", QUICKSTART_CASES)
+def test_quickstart_models_are_recognised(case):
+    """The demo's (``make demo``) hand-written models: their masks, built in ``forward``, are proved a
+    window / a 2-D neighbourhood and run on the local kernel, with eager's results."""
+    make, make_inputs, mask = QUICKSTART_CASES[case]
+    model, inputs = make(_quickstart()).eval(), make_inputs()
+    with torch.no_grad():
+        fast = attncomp.optimize(model, example_inputs=inputs)
+        report = attncomp.explain(fast)
+        assert len(report.replaced) == 2 and not report.left, str(report)
+        assert all(r.strategy == "local" and str(r.spec.mask) == mask for r in report.replaced), str(report)
+        assert all(k.calls["fused"] >= 1 for k in _kernels(fast))
+        assert rel_err(fast(*inputs), model(*inputs)) <= 1e-5
