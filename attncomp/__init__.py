@@ -8,11 +8,11 @@ The submodules the README documents as attributes (``attncomp.ops.attention``,
 
 import importlib
 
-from .api import OptimizedModel, Report, explain, optimize
-from .autotune import load_cache
-from .ir import AttentionSpec, Plan
-from .runtime import set_kernels
-from .strategies import Auto, Dense, Linear, Local, Sparse, Strategy, Tensor
+from attncomp.api import OptimizedModel, Report, explain, optimize
+from attncomp.ir import AttentionSpec, Plan
+from attncomp.runtime.autotune import load_cache
+from attncomp.runtime.device import set_kernels
+from attncomp.strategies import Auto, Dense, Linear, Local, Sparse, Strategy, Tensor
 
 __all__ = ["optimize", "explain", "OptimizedModel", "Report", "AttentionSpec", "Plan", "Strategy", "Auto",
            "Dense", "Local", "Sparse", "Linear", "Tensor", "set_kernels", "load_cache"]

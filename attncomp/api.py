@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import autotune
-from . import capture as C
-from .backend import AttncompBackend
-from .match import label_module_paths
-from .modcapture import ModuleCapture
-from .rewrite import SiteRecord, rewrite
-from .strategies import ROOT_LABEL, parse, with_tolerance
+from attncomp.backend import AttncompBackend
+from attncomp.frontend import capture as C
+from attncomp.frontend.modcapture import ModuleCapture
+from attncomp.frontend.rules import ROOT_LABEL, label_module_paths
+from attncomp.rewrite import SiteRecord, rewrite
+from attncomp.runtime import autotune
+from attncomp.strategies import for_site, parse, with_tolerance
 
 
 class OptimizedModel(nn.Module):
@@ -38,7 +38,8 @@ class OptimizedModel(nn.Module):
         self._fx_records: list[SiteRecord] = []
         self._runner = None
         make = lambda: AttncompBackend(self.backend.strategy, verify=verify)  # noqa: E731
-        self._modcap = ModuleCapture(self.model, self.backend.strategy, make) if capture == "modules" else None
+        self._modcap = (ModuleCapture(self.model, self.backend.strategy, make, for_site) if capture == "modules"
+                        else None)
 
     # -- capture -------------------------------------------------------------------------------
     def _build(self, args: tuple, kwargs: dict) -> None:

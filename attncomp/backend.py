@@ -29,9 +29,9 @@ from collections.abc import Callable
 
 from torch import fx, nn
 
-from .match import label_module_paths
-from .rewrite import SiteRecord, rewrite
-from .strategies import parse
+from attncomp.frontend.rules import label_module_paths
+from attncomp.rewrite import SiteRecord, rewrite
+from attncomp.strategies import parse
 
 INNER = ("inductor", "eager")
 

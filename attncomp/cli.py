@@ -179,7 +179,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     os.environ["ATTNCOMP_AUTOTUNE"] = "force" if args.force else "1"
     os.environ.setdefault("ATTNCOMP_AUTOTUNE_REPS", str(args.reps))
     torch, attncomp, model, make_inputs, device = _setup(args)
-    from . import autotune
+    from attncomp.runtime import autotune
 
     points = parse_shapes(args.shapes)
     print(f"attncomp tune: {args.model} on {device} ({autotune.device_info(device)['name']}), "
@@ -255,7 +255,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Capture and plan the model on one shape point and print the explain table."""
     os.environ["ATTNCOMP_AUTOTUNE"] = "0"  # inspecting never tunes (heuristic configs)
     torch, attncomp, model, make_inputs, device = _setup(args)
-    from . import autotune
+    from attncomp.runtime import autotune
 
     pt = parse_shapes(args.shapes)[0]
     with torch.no_grad():

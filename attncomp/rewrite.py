@@ -12,13 +12,17 @@ from types import SimpleNamespace
 
 from torch import fx
 
-from . import ops_table as T
-from .analyze import analyze, check_program, mask_of, recognise_masks
-from .executor import AttentionKernel, KernelMask
-from .ir import Causal, Full, Plan, mask_and
-from .match import Miss, Site, find_sites
-from .roles import prove as prove_roles
-from .strategies import for_site
+from attncomp.frontend.analyze import analyze, check_program, mask_of, recognise_masks
+from attncomp.frontend.mha import match_mha, mha_spec
+from attncomp.frontend.roles import prove as prove_roles
+from attncomp.frontend.rules import COUNTERS, Miss, Site, find_sites, module_path
+from attncomp.ir import Causal, Full, Plan, mask_and
+from attncomp.ir import ops_table as T
+from attncomp.passes import plan_site
+from attncomp.runtime.site import extract_region
+from attncomp.strategies import for_site
+from attncomp.strategies.dense.mha import MHAKernel
+from attncomp.strategies.softmax_site import AttentionKernel, KernelMask
 
 
 @dataclass
@@ -90,8 +94,6 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list, checked_masks: b
     graph with symbolic sizes (see :func:`attncomp.analyze.recognise_masks`). ``verify``: each
     replaced site compares its first fused call with its own eager nodes
     (:class:`attncomp.sitemodule.SiteModule`)."""
-    from attncomp.passes import plan_site
-
     found = find_sites(gm)
     memo: dict = {}  # mask proofs by node: one mask is usually read by every layer
     moved: dict = {}  # output node of a replaced site -> its kernel call (a later site may read it)
@@ -155,8 +157,6 @@ def _eager_inputs(gm: fx.GraphModule, site, kernel, inputs: tuple, verify: bool,
     """Copy the site's own nodes into ``kernel`` (its eager form); returns the call's arguments: the
     fused path's ``inputs``, then the other nodes the eager form reads. A proved mask the graph will
     no longer compute is not passed: the kernel rebuilds it from the proof."""
-    from .sitemodule import extract_region
-
     eager, reads = extract_region(gm, site.region, site.output)
     args, where = list(inputs), []
     for n in reads:
@@ -195,8 +195,6 @@ def _rewrite_lowered(gm: fx.GraphModule, site, i: int, parsed_strategy, records:
                      verify: bool) -> None:
     """A site that is its own kernel kind (``site.spec()``, ``site.kernel(plan, requested)``,
     ``site.inputs``): naive linear attention, tensor attention."""
-    from attncomp.passes import plan_site
-
     spec = site.spec()
     requested = for_site(parsed_strategy, site.module_path)
     if requested is None:
@@ -210,11 +208,6 @@ def _rewrite_lowered(gm: fx.GraphModule, site, i: int, parsed_strategy, records:
 
 def _rewrite_mha(gm: fx.GraphModule, parsed_strategy, records: list, moved: dict, verify: bool) -> None:
     """Rule ``multihead_attention`` (``nn.MultiheadAttention`` / ``F.multi_head_attention_forward``)."""
-    from attncomp.passes import plan_site
-
-    from .match import COUNTERS, module_path
-    from .mha import MHAKernel, match_mha, mha_spec
-
     for i, node in enumerate(list(gm.graph.nodes)):
         if not T.is_op(node, T.MHA, gm):
             continue

@@ -357,7 +357,8 @@ def neighborhood_2d(opts: Options) -> list[Result]:
     """2-D neighborhood attention, kernel 7x7 on a 64x64 grid (L=4096), B=1 H=8 D=64: SDPA with the
     same dense bool mask (``eager``, the reference) vs ``attncomp.ops.neighborhood_attention`` (NATTEN
     layout; the layout change is inside the timing) vs compiled FlexAttention with the same mask."""
-    from attncomp import blocks, ops
+    from attncomp import ops
+    from attncomp.masks import blocks
 
     side, K = 64, 7
     L = side * side
@@ -393,7 +394,8 @@ def routed_sparse(opts: Options) -> list[Result]:
     per query region (25% of the tiles): SDPA with the same selection expanded to a dense bool mask
     (``eager``, the reference; mask built outside the timing) vs ``attncomp.ops.routed_attention``
     (region descriptors, top-k and block table inside the timing; the table alone is timed in the notes)."""
-    from attncomp import ops, routing
+    from attncomp import ops
+    from attncomp.strategies.sparse import routing
 
     L, region, topk = 4096, 64, 16
     warmup, repeats = _counts(opts, 2, 5 if opts.quick else 10)
@@ -419,7 +421,8 @@ def linear_causal(opts: Options) -> list[Result]:
     (``eager``: softmax attention, a different function, compared for speed only) vs
     ``attncomp.ops.linear_attention`` (chunked scan), checked against the float64 recurrence
     ``attncomp.linear.linear_attention_reference`` (one step per position, not timed)."""
-    from attncomp import linear, ops
+    from attncomp import ops
+    from attncomp.strategies.linear import op as linear
 
     lengths = (2048, 8192) if opts.quick else (2048, 4096, 8192, 16384)
     warmup, repeats = _counts(opts, 1, 3 if opts.quick else 5)
@@ -456,7 +459,8 @@ def tensor_exact(opts: Options) -> list[Result]:
     """Exact tensor (2-simplicial) attention, B=1 H=2 D=32, L=128 and 256: the naive einsum over the
     materialised score cube (``eager``) vs ``attncomp.ops.tensor_attention`` (no cube), speed and peak
     memory; both checked against the float64 reference ``attncomp.tensor.tensor_attention_reference``."""
-    from attncomp import ops, tensor
+    from attncomp import ops
+    from attncomp.strategies.tensor import op as tensor
 
     rows = []
     warmup, repeats = _counts(opts, 1, 3 if opts.quick else 5)

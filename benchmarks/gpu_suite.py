@@ -54,7 +54,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import attncomp  # noqa: E402
-from attncomp import blocks, ir  # noqa: E402
+from attncomp import ir  # noqa: E402
+from attncomp.masks import blocks  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_other  # noqa: E402  (linear and tensor attention cases)

@@ -54,7 +54,8 @@ def scenario(name: str, layers: int, L: int, use_cache: bool) -> dict:
     from transformers import GPT2Config, GPT2Model
 
     import attncomp
-    from attncomp import autotune, backend
+    from attncomp import backend
+    from attncomp.runtime import autotune
 
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=layers, attn_implementation="eager", attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,

@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     from transformers import GPT2Config, GPT2Model
 
     import attncomp
-    from attncomp import executor
+    from attncomp.strategies import softmax_site as executor
 
     torch.manual_seed(0)
     lengths = [int(x) for x in args.L.split(",")]

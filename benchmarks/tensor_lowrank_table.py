@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from attncomp.tensor_lowrank import entry_bound, feature_rank, lowrank_tensor_attention, score_bound
+from attncomp.strategies.tensor.lowrank import entry_bound, feature_rank, lowrank_tensor_attention, score_bound
 
 
 def inputs(B, H, L, D, Dv, bound, dtype, seed):
@@ -99,7 +99,7 @@ def best_time(fn, args, repeats, **kwargs):
 
 def timing_table(lengths, D, degree, naive_max, fast_max, repeats):
     try:
-        from attncomp.tensor import tensor_attention
+        from attncomp.strategies.tensor.op import tensor_attention
     except ImportError:
         tensor_attention = None
     B, H, Dv = 1, 4, D

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import attncomp
-from attncomp import blocks, ir, ops
+from attncomp import ir, ops
+from attncomp.masks import blocks
 
 
 def median_ms(fn, repeats: int = 5) -> float:

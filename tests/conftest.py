@@ -97,7 +97,7 @@ def torch_kernels():
 @pytest.fixture
 def tune_env(tmp_path, monkeypatch):
     """Autotuning on, cache file in a fresh tmp dir, in-memory state and counters cleared."""
-    from attncomp import autotune
+    from attncomp.runtime import autotune
 
     path = tmp_path / "autotune.json"
     monkeypatch.setenv("ATTNCOMP_AUTOTUNE", "1")

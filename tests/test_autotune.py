@@ -11,8 +11,10 @@ import time
 import pytest
 import torch
 
-from attncomp import autotune, codegen, runtime, triton_dense
-from attncomp.templates import dense_configs
+from attncomp.runtime import autotune, codegen
+from attncomp.strategies.dense import launcher as triton_dense
+from attncomp.strategies.dense import op as runtime
+from attncomp.templates.dense import configs as dense_configs
 from conftest import rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -251,7 +253,7 @@ def test_explain_lists_failed_candidates(tune_env, monkeypatch):
     """A tile candidate that fails on a real site is scored infinity, the site still runs on the best
     of the others, and explain lists the failure with its error."""
     import attncomp
-    from attncomp.templates import sparse_configs
+    from attncomp.templates.sparse import configs as sparse_configs
 
     monkeypatch.setattr(sparse_configs, "CPU", ((-16, 32), (32, 32), (64, 64)))
     q, k, v = (torch.randn(1, 2, 96, 16) for _ in range(3))

@@ -6,7 +6,8 @@ import torch
 from torch._dynamo.utils import counters
 
 import attncomp
-from attncomp import autotune, backend, codegen
+from attncomp import backend
+from attncomp.runtime import autotune, codegen
 from conftest import rel_err
 
 transformers = pytest.importorskip("transformers")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import attncomp
-from attncomp import autotune, cli
+from attncomp import cli
+from attncomp.runtime import autotune
 from conftest import rel_err
 
 pytest.importorskip("transformers")

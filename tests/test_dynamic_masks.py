@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import attncomp
-from attncomp.executor import MISMATCH
+from attncomp.strategies.softmax_site import MISMATCH
 from conftest import rel_err, tiny_gpt2
 
 H, D = 2, 8

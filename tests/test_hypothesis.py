@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import attncomp
 import attncomp.ops as O
 from attncomp import ir
-from attncomp.linear import linear_attention_reference
+from attncomp.strategies.linear.op import linear_attention_reference
 
 SLOW = os.environ.get("ATTNCOMP_HYPOTHESIS", "") == "slow"
 settings.register_profile("attncomp", deadline=None, derandomize=True, print_blob=True,

@@ -4,8 +4,8 @@ the float64 recurrent reference, forward and backward; the custom op; input erro
 import pytest
 import torch
 
-from attncomp.linear import linear_attention, linear_attention_reference
 from attncomp.ops import linear_attention as exported
+from attncomp.strategies.linear.op import linear_attention, linear_attention_reference
 from conftest import rel_err
 
 

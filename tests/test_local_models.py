@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import attncomp
-from attncomp.executor import AttentionKernel
+from attncomp.strategies.softmax_site import AttentionKernel
 from conftest import rel_err
 
 transformers = pytest.importorskip("transformers")

@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from attncomp import ir, match
-from attncomp.blocks import dense_keep
-from attncomp.capture import capture_fx
-from attncomp.mask_analysis import KeyPadding, MaskFact, analyze_mask
+from attncomp import ir
+from attncomp.frontend import rules as match
+from attncomp.frontend.capture import capture_fx
+from attncomp.masks.analysis import KeyPadding, MaskFact, analyze_mask
+from attncomp.masks.blocks import dense_keep
 
 B, H, L, D = 2, 2, 12, 8
 NEG = float("-inf")

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import attncomp
-from attncomp import match
+from attncomp.frontend import rules as match
+from attncomp.strategies.dense import op as dense_op
 from conftest import rel_err
 
 B, H, L, D = 2, 4, 24, 16
@@ -290,7 +291,7 @@ def test_mha_failing_kernel_falls_back_and_warns(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("simulated compile failure")
 
-    monkeypatch.setattr(attncomp.runtime, "dense_fwd", broken)
+    monkeypatch.setattr(dense_op, "dense_fwd", broken)
     with pytest.warns(UserWarning, match="simulated compile failure") as caught:
         out, out2 = fast(x), fast(x)
     assert len([w for w in caught if "simulated" in str(w.message)]) == 1

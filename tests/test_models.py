@@ -141,7 +141,7 @@ def test_unknown_strategy_is_a_clear_error():
 
 
 def test_right_padding_lengths():
-    from attncomp.executor import _right_padding
+    from attncomp.strategies.softmax_site import _right_padding
 
     def keep(rows):
         return torch.tensor(rows, dtype=torch.bool)[:, None, None, :]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attncomp
-from attncomp.strategies import ROOT_LABEL
+from attncomp.frontend.rules import ROOT_LABEL
 from conftest import rel_err, tiny_gpt2
 
 CAPTURES = ["dynamo", "modules", "fx", "export"]

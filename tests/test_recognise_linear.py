@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import attncomp
-from attncomp import linear, match
+from attncomp.frontend import rules as match
+from attncomp.strategies.linear import op as linear
 from conftest import rel_err
 
 

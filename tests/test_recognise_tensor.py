@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attncomp
-from attncomp import match
+from attncomp.frontend import rules as match
 from conftest import rel_err
 
 tensor = pytest.importorskip("attncomp.tensor")

@@ -19,7 +19,9 @@ from torch import nn
 
 import attncomp
 import attncomp.ops as O
-from attncomp import autotune, blocks, codegen, ir, validate
+from attncomp import ir
+from attncomp.masks import blocks
+from attncomp.runtime import autotune, codegen, validate
 from conftest import rel_err
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -580,7 +582,7 @@ def test_broken_kernel_cache_file_is_rewritten_with_one_warning(triton_cpu, kern
     assert len([w for w in caught if "attncomp codegen" in str(w.message)]) == 1
     assert path.read_text() == source and hasattr(module, "feature_grad")
     x, d = torch.randn(100), torch.randn(100)
-    from attncomp import triton_linear
+    from attncomp.strategies.linear import launcher as triton_linear
     assert torch.equal(triton_linear.feature_grad(x, d, "relu"), d * (x > 0))
 
 
@@ -638,10 +640,10 @@ KILL_WHILE_WRITING = textwrap.dedent("""
 
     target = sys.argv[2]
     if target == "autotune":
-        from attncomp import autotune
+        from attncomp.runtime import autotune
         autotune.choose("reliability_test", {"key": 99}, {"L": 128}, [{"x": 1}], lambda cfg: None, {"x": 0})
     else:
-        from attncomp import codegen
+        from attncomp.runtime import codegen
         codegen.load_kernel_module("linear_bwd", FEATURE="relu", UPCAST_DOT=False)
     print("finished without being killed")
 """)

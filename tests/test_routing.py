@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import attncomp
-from attncomp import blocks, ops, routing
+from attncomp import ops
+from attncomp.masks import blocks
+from attncomp.strategies.sparse import routing
 from conftest import rel_err
 
 # ----------------------------------------------------------------------------------------------
@@ -151,7 +153,7 @@ TRITON_CASES = [  # B, Hq, Hkv, Lq, Lk, D, region, topk
                          ids=[f"B{c[0]}-H{c[1]}kv{c[2]}-Lq{c[3]}-Lk{c[4]}-D{c[5]}-r{c[6]}-top{c[7]}-triton"
                               for c in TRITON_CASES])
 def test_routed_attention_triton_interpreter(B, Hq, Hkv, Lq, Lk, D, region, topk, monkeypatch):
-    from attncomp import triton_sparse
+    from attncomp.strategies.sparse import launcher as triton_sparse
 
     calls = {"fwd": 0, "bwd": 0}
     for name in calls:

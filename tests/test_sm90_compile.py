@@ -39,7 +39,7 @@ FAMILIES = ("dense", "sparse", "linear", "tensor")
 def record(run) -> list[tuple]:
     """Run ``run()`` (which calls launchers on CPU tensors) with every generated kernel replaced by a
     recorder; returns the launches as ``(jit_function, args, kwargs)``."""
-    from attncomp import codegen
+    from attncomp.runtime import codegen
 
     calls = []
 
@@ -224,8 +224,8 @@ def dense_variants(full: bool):
     """Dense fwd + bwd. Full: every dtype x head dim {64, 128, ragged 80 / L 200} x flag set, each with
     the heuristic config, plus every pruned GPU candidate on the heaviest and the lightest flags.
     Quick: bf16 D=128 heaviest flags, heuristic config."""
-    from attncomp import triton_dense
-    from attncomp.templates import dense_configs
+    from attncomp.strategies.dense import launcher as triton_dense
+    from attncomp.templates.dense import configs as dense_configs
 
     def thunk(dtype, D, L, flags, cfg):
         def run():
@@ -262,9 +262,11 @@ def sparse_variants(full: bool):
     import torch
     from test_triton_sparse import MASKS, Case, make_inputs
 
-    from attncomp import blocks, ir, triton_sparse
+    from attncomp import ir
+    from attncomp.masks import blocks
     from attncomp.ops import default_blocks
-    from attncomp.templates import sparse_configs
+    from attncomp.strategies.sparse import launcher as triton_sparse
+    from attncomp.templates.sparse import configs as sparse_configs
 
     def thunk(c: Case):
         def run():
@@ -301,18 +303,18 @@ def linear_variants(full: bool):
     decay, elu1, normalize, bf16."""
     import torch
 
-    from attncomp import triton_linear
+    from attncomp.strategies.linear import launcher as triton_linear
 
     def thunk(dtype, D, chunk, causal, decay, fmap, normalize):
         def run():
             dt, f32, L, H = _dt(dtype), torch.float32, 256, 4
             q, k, v = (_randn(2, H, L, D, dtype=dt) for _ in range(3))
             lam = torch.full((H,), 0.9) if decay else None
-            triton_linear.linear_fwd(q, k, v, lam, fmap, causal, normalize, chunk)
+            triton_linear.linear_fwd(q, k, v, lam, fmap, causal, normalize, chunk, 1e-6)
             E = D + 1 if normalize else D  # v' = [v, 1], g' = [g / den, -(g . out) / den]
             g, va, fq = _randn(2, H, L, E, dtype=f32), _randn(2, H, L, E, dtype=f32), _randn(2, H, L, D, dtype=f32)
-            triton_linear.linear_fwd(g, va, fq, lam, "identity", causal, False, chunk)  # dφq
-            triton_linear.linear_fwd(fq, fq, g, lam, "identity", causal, False, chunk)  # dv'
+            triton_linear.linear_fwd(g, va, fq, lam, "identity", causal, False, chunk, 1e-6)  # dφq
+            triton_linear.linear_fwd(fq, fq, g, lam, "identity", causal, False, chunk, 1e-6)  # dv'
             triton_linear.feature_grad(q, _randn(2, H, L, D, dtype=f32), fmap)
         return run
 
@@ -342,7 +344,7 @@ TENSOR_FORMS = {
 def tensor_variants(full: bool):
     """Tensor (2-simplicial) fwd + bwd (dq; dk/dv launched for both key sets). Full: fp16 / bf16 / fp32 x
     head dim {64, 128} x every form of TENSOR_FORMS; quick: bf16 D=128 windowed."""
-    from attncomp import triton_tensor
+    from attncomp.strategies.tensor import launcher as triton_tensor
 
     def thunk(dtype, D, form):
         def run():

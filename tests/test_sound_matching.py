@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import attncomp
-from attncomp import runtime, sitemodule
+from attncomp.runtime import site as sitemodule
+from attncomp.strategies.dense import op as runtime
 from conftest import rel_err
 
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attncomp import blocks, ir, ops
+from attncomp import ir, ops
+from attncomp.masks import blocks
+from attncomp.strategies.local import op as local_op
 from conftest import rel_err
 
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +269,7 @@ def test_attention_inference(mask, extras, Dv, blocks_mn):
 def test_band_runs(mask, runs):
     """Query blocks that read keys at a fixed stride are grouped into runs (a, b, c, W): blocks
     a <= i < b read key blocks [i - c, i - c + W), as strided views."""
-    from attncomp import sparse
+    from attncomp.strategies.sparse import op as sparse
 
     L = 64 if isinstance(mask, ir.Window) else 128
     table = blocks.block_table(mask.expr(), None, L, L, 16, 16, "cpu")
@@ -336,7 +338,7 @@ def test_neighborhood_attention(spatial, kernel, dilation, stride, causal):
     q, k, v = (torch.randn(2, *spatial, 2, 16, requires_grad=True) for _ in range(3))
     out = ops.neighborhood_attention(q, k, v, kernel, dilation, stride, causal)
     n = len(spatial)
-    ref = _na_ref(q, k, v, natten_visible(spatial, *(ops._per_axis(x, n, "") for x in (kernel, dilation, stride,
+    ref = _na_ref(q, k, v, natten_visible(spatial, *(local_op._per_axis(x, n, "") for x in (kernel, dilation, stride,
                                                                                         causal))))
     assert out.shape == q.shape and rel_err(out, ref) <= 1e-5
     with torch.no_grad():  # the inference path (fused CPU kernel; a band of rows for 2-D grids)
@@ -397,7 +399,7 @@ def test_bad_input_is_named(call, match):
 def test_block_sizes_are_autotuned_once(monkeypatch, tmp_path):
     """With autotuning on, the first call times every tile-size candidate on the CPU executor and
     caches the winner; a second call with the same mask and shape bucket reuses it."""
-    from attncomp import autotune
+    from attncomp.runtime import autotune
 
     monkeypatch.setenv("ATTNCOMP_AUTOTUNE", "1")
     monkeypatch.setenv("ATTNCOMP_AUTOTUNE_CACHE", str(tmp_path / "cache.json"))

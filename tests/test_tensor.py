@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from attncomp import tensor as tensor_mod
 from attncomp.ops import tensor_attention as exported
-from attncomp.tensor import tensor_attention, tensor_attention_reference
+from attncomp.strategies.tensor import op as tensor_mod
+from attncomp.strategies.tensor.op import tensor_attention, tensor_attention_reference
 from conftest import rel_err
 
 NAMES = ("q", "k1", "k2", "v1", "v2")
@@ -113,7 +113,7 @@ def test_triton_interpreter(c, triton_kernels):
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    from attncomp import triton_tensor
+    from attncomp.strategies.tensor import launcher as triton_tensor
 
     def config(Lq, L_inner, causal, w_inner, dtype, D=64, kernel="fwd"):
         return {"BLOCK_M": 16, "BLOCK_L": 16, "DOT_PRECISION": "ieee"}

@@ -10,8 +10,8 @@ import random
 import pytest
 import torch
 
-from attncomp import tensor_lowrank as tl
-from attncomp.tensor_lowrank import (
+from attncomp.strategies.tensor import lowrank as tl
+from attncomp.strategies.tensor.lowrank import (
     entry_bound,
     feature_rank,
     lowrank_tensor_attention,

@@ -18,7 +18,8 @@ import jinja2
 import pytest
 import torch
 
-from attncomp import codegen, triton_dense
+from attncomp.runtime import codegen
+from attncomp.strategies.dense import launcher as triton_dense
 from conftest import assert_fwd_bwd_match, random_qkv_dout
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}

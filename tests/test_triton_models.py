@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import attncomp
-from attncomp import triton_dense
+from attncomp.strategies.dense import launcher as triton_dense
 from conftest import rel_err
 
 transformers = pytest.importorskip("transformers")
@@ -59,7 +59,7 @@ def test_vit_sites_run_generated_triton(triton_calls):
 @pytest.mark.parametrize("pad", [False, True])
 def test_mistral_window_runs_generated_sparse_triton(monkeypatch, pad):
     """A sliding-window model's sites launch the generated block-sparse kernels, forward and backward."""
-    from attncomp import triton_sparse
+    from attncomp.strategies.sparse import launcher as triton_sparse
 
     calls = []
     for name in ("sparse_fwd", "sparse_bwd"):

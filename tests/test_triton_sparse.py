@@ -17,7 +17,10 @@ import jinja2
 import pytest
 import torch
 
-from attncomp import blocks, codegen, ir, triton_sparse
+from attncomp import ir
+from attncomp.masks import blocks
+from attncomp.runtime import codegen
+from attncomp.strategies.sparse import launcher as triton_sparse
 from conftest import assert_fwd_bwd_match, random_qkv_dout
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}

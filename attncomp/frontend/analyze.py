@@ -1,0 +1,207 @@
+"""Matched site → :class:`~attncomp.ir.AttentionSpec` (shapes, dtype, scale, score terms, mask).
+
+Also proves, from the graph alone, that the fused path can express the site's score program;
+when it cannot, the reason is returned and the site stays on its eager path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from attncomp.frontend.rules import Site
+from attncomp.ir import AttentionSpec, Causal, Dims, Mask, Score, TensorMask, mask_and
+from attncomp.ir import ops_table as T
+from attncomp.masks.analysis import analyze_mask as _analyze
+
+BIG = 1e30
+
+
+def _shape_after(node, views) -> tuple | None:
+    s = T.shape(node)
+    if s is None:
+        return None
+    try:
+        x = torch.empty([int(d) for d in s], device="meta")
+        for name, args in views:
+            x = getattr(x, name)(*args)
+        return tuple(x.shape)
+    except Exception:
+        return None
+
+
+def _const_value(x):
+    if isinstance(x, (int, float)):
+        return float(x)
+    return None
+
+
+def check_program(site: Site) -> str | None:
+    """Why the fused path cannot run this score program, or ``None`` if it can."""
+    fill, masked, viewed = None, False, False
+    for step in site.steps:
+        op, args = step[0], step[1:]
+        if op in ("mul", "div"):
+            c = _const_value(args[0])
+            if c is None and (masked or viewed):
+                return "the scores are scaled by a tensor after a mask or a view"
+            if masked and c is not None and not c > 0:
+                return "the masked scores are scaled by a non-positive constant"
+        elif op in ("add", "sub", "add_scaled"):
+            if masked and (fill is None or fill > -BIG):
+                return f"a term is added after a mask filled with {fill}"
+        elif op in ("masked_fill", "masked_fill_not"):
+            v = _const_value(args[1])
+            if v is None:
+                shp = T.shape(args[1])
+                if shp is None or math.prod(shp) != 1:
+                    return "a mask is filled with a tensor of values"
+            elif v > -BIG:
+                return (f"masked_fill with the finite value {v:g} replaces scores; only -inf or "
+                        "finfo.min fills are fused")
+            if fill is not None and v is not None and v != fill and not (v <= -BIG and fill <= -BIG):
+                return "two masks with different fill values"
+            fill, masked = (v if v is not None else -math.inf), True
+        elif op == "view":
+            viewed = True
+    return None
+
+
+def analyze(site: Site) -> AttentionSpec:
+    """Build the spec of ``site`` from the node metadata recorded at capture."""
+    qs, ks, vs = (_shape_after(o.node, o.views) for o in (site.q, site.k, site.v))
+    qm = T.meta(site.q.node)
+    dims = Dims()
+    if qs and ks and vs:
+        B = qs[0] if len(qs) == 4 else 1
+        Hq = qs[-3] if len(qs) >= 3 else 1
+        Hkv = ks[-3] if len(ks) >= 3 else 1
+        dims = Dims(B, Hq, Hkv, qs[-2], ks[-2], qs[-1], vs[-1])
+    dtype = str(qm.dtype).replace("torch.", "") if qm is not None else "?"
+    masks, bias = [], []
+    if site.sdpa.get("is_causal"):
+        masks.append(Causal(0))
+    for step in site.steps:
+        if step[0] in ("masked_fill", "masked_fill_not"):
+            masks.append(TensorMask("bool", T.shape(step[1])))
+        elif step[0] in ("add", "sub", "add_scaled") and isinstance(step[1], torch.fx.Node):
+            m = T.meta(step[1])
+            kind = "bool" if m is not None and m.dtype == torch.bool else "additive"
+            masks.append(TensorMask(kind, T.shape(step[1])))
+            bias.append("tensor")
+    scale = site.sdpa.get("scale") if site.sdpa else 1.0
+    for step in site.steps:
+        if step[0] in ("mul", "div"):
+            c = _const_value(step[1])
+            if c is None:
+                scale = "tensor"
+            elif isinstance(scale, float):
+                scale = scale * c if step[0] == "mul" else scale / c
+    if site.sdpa and scale is None and dims.Dk:
+        scale = 1.0 / math.sqrt(dims.Dk)
+    return AttentionSpec(
+        dims=dims, dtype=dtype, score=Score(scale=scale, bias=tuple(bias)), mask=mask_and(*masks),
+        dropout_p=site.dropout[0], empty_rows="zero" if site.sdpa else "nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks built in the graph (attncomp.mask_analysis proves what they compute)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MaskUse:
+    """A mask step of a site's score program whose value is proved: ``static`` (an IR mask) AND,
+    when ``keep_src`` is set, ``keep_fn(value of keep_src)`` (a bool tensor broadcastable to the
+    scores). ``fill`` is the score eager gives hidden positions (``-inf`` or ``finfo.min``)."""
+
+    static: Mask
+    keep_src: torch.fx.Node | None
+    keep_fn: Callable | None
+    fill: float
+    proof: str
+    # symbolic sizes: the proof holds at the example shape; the kernel checks the graph's mask
+    # ``check_src`` (as the step ``check_op`` used it) against it on every call
+    check_src: torch.fx.Node | None = None
+    check_op: str | None = None
+    # the graph's mask node and the step that reads it (the site's eager form gets it rebuilt from the proof)
+    src: torch.fx.Node | None = None
+    src_op: str | None = None
+
+
+def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None,
+                    checked: bool = False) -> tuple[list, list[MaskUse]] | str:
+    """Replace the proven mask steps of ``site.steps`` by ``("mask", i)`` (``i`` indexes the returned
+    uses); returns (new steps, uses). ``memo`` (one dict per graph rewrite) reuses the proof of a mask
+    node shared by several sites — transformers builds one mask and every layer reads it.
+
+    Every ``masked_fill`` / ``where`` / bool SDPA mask must be proved, else nothing is (the reason is
+    returned and the masks stay on the folded-bias path); an ``add`` is a proven mask when its term
+    is an additive mask built in the graph, and otherwise stays as a bias term.
+
+    With symbolic sizes (after Dynamo's automatic-dynamic recompile) masks are proved at the example
+    shape only, so only when ``checked`` (the kernel runs outside a compiler and checks every call's
+    mask against the proof: ``MaskUse.check_src``); otherwise the reason is returned."""
+    memo = {} if memo is None else memo
+
+    def analyze_mask(node, Lq: int, Lk: int, negate: bool = False):
+        key = (node, Lq, Lk, negate)
+        if key not in memo:
+            memo[key] = _analyze(node, Lq, Lk, negate=negate, hint=symbolic)
+        return memo[key]
+
+    Lq, Lk = spec.dims.Lq, spec.dims.Lk
+    if Lq is None or Lk is None:
+        return "the scores' shape is unknown"
+    shapes = [T.shape(o.node) for o in (site.q, site.k)]
+    if any(s is None for s in shapes):
+        return "the scores' shape is unknown"
+    symbolic = any(not all(type(d) is int for d in s) for s in shapes)
+    if symbolic and not checked:
+        return ("the sequence length is symbolic (dynamic shapes) and the kernel runs inside a compiler, "
+                "where it cannot check the mask per call: a mask is proved for one shape only")
+
+    def use(fact, fill, node, op):
+        proof = fact.proof
+        if symbolic:
+            proof += (f"; sizes are symbolic: proved at the example shape {Lq}x{Lk}, and every call checks the "
+                      "graph's mask against the proof (a call where it differs runs the site's own computation)")
+        return MaskUse(fact.static, fact.keep_src, fact.keep_fn, fill, proof,
+                       node if symbolic else None, op if symbolic else None, node, op)
+    if any(s[0] == "view" for s in site.steps):
+        return "the scores are viewed between the product and the softmax"
+    kept, uses, refused = [], [], []
+    for step in site.steps:
+        op = step[0]
+        if op in ("masked_fill", "masked_fill_not"):
+            fill = _const_value(step[2])
+            if fill is None:
+                return "a mask is filled with a tensor"
+            fact = analyze_mask(step[1], Lq, Lk, negate=op == "masked_fill")
+            if isinstance(fact, str):
+                return fact
+            kept.append(("mask", len(uses)))
+            uses.append(use(fact, fill, step[1], op))
+        elif op == "add" and isinstance(step[1], torch.fx.Node):
+            fact = analyze_mask(step[1], Lq, Lk)
+            if isinstance(fact, str) or fact.fill is None:
+                refused.append(fact if isinstance(fact, str) else "a bool tensor added to the scores")
+                kept.append(step)
+            else:
+                kept.append(("mask", len(uses)))
+                uses.append(use(fact, fact.fill, step[1], "add"))
+        else:
+            kept.append(step)
+    if not uses:
+        return refused[0] if refused else "no mask step in the score program"
+    return kept, uses
+
+
+def mask_of(uses: list[MaskUse]) -> Mask:
+    """The IR mask of proven mask steps (static kinds, plus ``key_padding`` for run-time parts)."""
+    parts = [u.static for u in uses]
+    parts += [TensorMask("bool", None, "key_padding") for u in uses if u.keep_src is not None]
+    return mask_and(*parts)

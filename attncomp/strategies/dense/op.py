@@ -1,0 +1,205 @@
+"""Custom ops that run attention: CUDA → generated Triton kernels, CPU → the torch executor.
+
+``attncomp::dense_fwd`` / ``attncomp::dense_bwd`` take normalised inputs:
+
+* q ``(B, Hq, Lq, D)``, k ``(B, Hkv, Lk, D)``, v ``(B, Hkv, Lk, Dv)``, ``Hq % Hkv == 0``; any float dtype.
+* bias: ``None`` or a float tensor broadcastable to ``(B, Hq, Lq, Lk)`` — additive, may hold ``-inf``.
+* ``causal_offset``: key ``j`` visible from query ``i`` iff ``j <= i + causal_offset``; ``None``: no causal mask.
+
+Scores are ``s = scale·q·kᵀ`` (soft-capped when ``softcap > 0``) ``+ bias``; the output is
+``softmax(s) @ v`` and ``lse`` ``(B, Hq, Lq)`` float32 is ``logsumexp(s)``. A row whose scores are
+all ``-inf`` gives zeros (the caller patches the site's own semantics).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attncomp.runtime import validate
+from attncomp.runtime.device import use_triton
+
+
+def repeat_kv(x: Tensor, groups: int) -> Tensor:
+    if groups == 1:
+        return x
+    B, H, L, D = x.shape
+    return x[:, :, None].expand(B, H, groups, L, D).reshape(B, H * groups, L, D)
+
+
+def _causal_bias(Lq: int, Lk: int, offset: int, device, dtype) -> Tensor:
+    i = torch.arange(Lq, device=device)[:, None]
+    j = torch.arange(Lk, device=device)[None, :]
+    return torch.zeros((), device=device, dtype=dtype).masked_fill(j > i + offset, float("-inf"))
+
+
+def math_scores(q, k, bias, scale, causal_offset, softcap) -> Tensor:
+    """Reference scores in float32 (or float64 for float64 inputs), ``(B, Hq, Lq, Lk)``."""
+    groups = q.shape[1] // k.shape[1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = (q.to(acc) @ repeat_kv(k, groups).to(acc).transpose(-1, -2)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if bias is not None:
+        s = s + bias.to(acc)
+    if causal_offset is not None:
+        s = s + _causal_bias(q.shape[2], k.shape[2], causal_offset, q.device, acc)
+    return s
+
+
+def _cpu_fused_ok(q: Tensor, softcap: float, causal_offset) -> bool:
+    """torch's fused CPU flash kernel covers this call (else the math path runs)."""
+    return q.device.type == "cpu" and softcap == 0.0 and causal_offset in (None, 0)
+
+
+def unit_stride(x: Tensor | None) -> Tensor | None:
+    """``x`` with a contiguous last axis. torch's fused CPU flash kernels read q (forward) and out
+    (backward) as if their last axis were contiguous without checking it: a transposed view — channel
+    attention's ``qᵀ``, say — gives wrong results, so every tensor handed to them goes through here."""
+    return x if x is None or x.stride(-1) == 1 or x.dim() == 0 else x.contiguous()
+
+
+def cpu_flash(q: Tensor, k: Tensor, v: Tensor, causal: bool, attn_mask: Tensor | None, scale: float):
+    """``aten._scaled_dot_product_flash_attention_for_cpu`` on unit-stride inputs: ``(out, lse)``."""
+    q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=attn_mask,
+                                                                      scale=scale)
+
+
+def nonfinite(*ts) -> bool:
+    return not all(bool(torch.isfinite(t).all()) for t in ts if t is not None)
+
+
+def _cpu_fwd(q, k, v, bias, scale, causal_offset, softcap):
+    groups = q.shape[1] // k.shape[1]
+    if nonfinite(q, k):
+        # NaN / Inf scores: softmax as eager computes it (torch's fused kernel gives a row whose visible
+        # scores are all -inf lse 0, not -inf, and rows with +inf scores zeros, not NaN)
+        s = math_scores(q, k, bias, scale, causal_offset, softcap)
+        lse = torch.logsumexp(s, -1)
+        p = torch.softmax(s, -1).masked_fill(torch.isneginf(lse)[..., None], 0.0)
+        return (p @ repeat_kv(v, groups).to(p.dtype)).to(q.dtype), lse.float()
+    if _cpu_fused_ok(q, softcap, causal_offset) and k.shape[-1] == v.shape[-1]:
+        kk, vv = repeat_kv(k, groups), repeat_kv(v, groups)
+        mask = None if bias is None else bias.to(q.dtype).expand(
+            q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        out, lse = cpu_flash(q, kk, vv, causal_offset == 0, mask, scale)
+        lse = lse.float()
+        if bias is not None:  # the fused kernel gives a row with no visible key lse 0: make it -inf
+            hidden = torch.isneginf(bias.to(q.dtype))  # bias's own (broadcast) shape, not (B, H, Lq, Lk)
+            if causal_offset == 0:
+                upper = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).triu(1)
+                hidden = hidden | upper
+            lse = lse.masked_fill(hidden.all(-1), float("-inf"))
+        return out, lse
+    s = math_scores(q, k, bias, scale, causal_offset, softcap)
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    out = (p @ repeat_kv(v, groups).to(p.dtype)).to(q.dtype)
+    return out, lse.float()
+
+
+@torch.library.custom_op("attncomp::dense_fwd", mutates_args=())
+def dense_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
+              causal_offset: int | None, softcap: float) -> tuple[Tensor, Tensor]:
+    """Dense attention forward; see the module docstring for shapes. Returns (out, lse)."""
+    validate.check_qkv(q, k, v, name_prefix="dense_fwd: ")
+    validate.check_additive(bias, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), q, "dense_fwd: bias")
+    if validate.is_empty(q, k, v):  # zero-size inputs: zeros and lse = -inf (validate.empty_result)
+        return validate.empty_result(q, v)
+    if use_triton(q):
+        from attncomp.strategies.dense import launcher as triton_dense
+        out, lse = triton_dense.dense_fwd(q, k, v, bias, scale, causal_offset, softcap)
+    else:
+        out, lse = _cpu_fwd(q, k, v, bias, scale, causal_offset, softcap)
+    return out.contiguous(), lse.contiguous()
+
+
+@dense_fwd.register_fake
+def _(q, k, v, bias, scale, causal_offset, softcap):
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return out, lse
+
+
+def _cpu_bwd(dout, q, k, v, bias, out, lse, scale, causal_offset, softcap, want_dbias):
+    groups = q.shape[1] // k.shape[1]
+    B, Hkv = k.shape[:2]
+    # float64: the math path, with lse recomputed (the op returns lse in float32, which the fused
+    # kernel's float64 backward does not take and which would cost the gradients their precision)
+    fused = (_cpu_fused_ok(q, softcap, causal_offset) and k.shape[-1] == v.shape[-1] and not want_dbias
+             and q.dtype != torch.float64)
+    if fused:
+        kk, vv = repeat_kv(k, groups), repeat_kv(v, groups)
+        mask = None if bias is None else bias.to(q.dtype).expand(
+            q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            *(unit_stride(t) for t in (dout, q, kk, vv, out)), lse.masked_fill(torch.isneginf(lse), 0.0), 0.0,
+            causal_offset == 0, attn_mask=mask, scale=scale)  # rows with no visible key: the kernel's own lse (0)
+        dbias = None
+    else:
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        qa, ka, va = q.to(acc), repeat_kv(k, groups).to(acc), repeat_kv(v, groups).to(acc)
+        s = math_scores(q, k, bias, scale, causal_offset, 0.0)
+        raw = s
+        if softcap:  # recompute capped scores to get dtanh
+            raw = (qa @ ka.transpose(-1, -2)) * scale
+            s = math_scores(q, k, bias, scale, causal_offset, softcap)
+        lse_acc = torch.logsumexp(s, -1) if acc == torch.float64 else lse.to(acc)
+        p = torch.exp(s - lse_acc[..., None]).nan_to_num(0.0)
+        do = dout.to(acc)
+        dv = p.transpose(-1, -2) @ do
+        dp = do @ va.transpose(-1, -2)
+        ds = p * (dp - (do * out.to(acc)).sum(-1, keepdim=True))
+        dbias = ds if want_dbias else None
+        if softcap:
+            ds = ds * (1 - torch.tanh(raw / softcap) ** 2)
+        dq = (ds @ ka) * scale
+        dk = (ds.transpose(-1, -2) @ qa) * scale
+    if groups > 1:
+        dk = dk.reshape(B, Hkv, groups, *dk.shape[2:]).sum(2)
+        dv = dv.reshape(B, Hkv, groups, *dv.shape[2:]).sum(2)
+    if dbias is not None:
+        dbias = dbias.sum_to_size(bias.shape).to(bias.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
+
+
+@torch.library.custom_op("attncomp::dense_bwd", mutates_args=())
+def dense_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, out: Tensor,
+              lse: Tensor, scale: float, causal_offset: int | None, softcap: float,
+              want_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv, dbias) of :func:`dense_fwd`; dbias is empty unless ``want_dbias``."""
+    if validate.is_empty(q, k, v):  # nothing was attended to: every gradient is zero
+        db = torch.zeros_like(bias) if want_dbias and bias is not None else q.new_empty(0)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), db
+    if use_triton(q):
+        from attncomp.strategies.dense import launcher as triton_dense
+        dq, dk, dv, db = triton_dense.dense_bwd(dout, q, k, v, bias, out, lse, scale, causal_offset,
+                                                softcap, want_dbias)
+    else:
+        dq, dk, dv, db = _cpu_bwd(dout, q, k, v, bias, out, lse, scale, causal_offset, softcap, want_dbias)
+    db = db if db is not None else q.new_empty(0)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), db.contiguous()
+
+
+@dense_bwd.register_fake
+def _(dout, q, k, v, bias, out, lse, scale, causal_offset, softcap, want_dbias):
+    db = bias.new_empty(bias.shape) if (want_dbias and bias is not None) else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), db
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, bias, scale, causal_offset, softcap = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, bias, out, lse)
+    ctx.args = (scale, causal_offset, softcap)
+    ctx.want_dbias = bias is not None and bias.requires_grad
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, bias, out, lse = ctx.saved_tensors
+    dq, dk, dv, db = dense_bwd(dout.contiguous(), q, k, v, bias, out, lse, *ctx.args, ctx.want_dbias)
+    return dq, dk, dv, (db if ctx.want_dbias else None), None, None, None
+
+
+dense_fwd.register_autograd(_backward, setup_context=_setup)

@@ -1,0 +1,367 @@
+"""The module that replaces a softmax attention site (a matched chain or an SDPA call).
+
+``AttentionKernel(q, k, v, *terms, *extra)`` replays the site's score program on the run-time
+tensors — scale, additive terms, masks, views — to get ``(scale, bias, keep, fill)``, then runs the
+plan's kernel through the ``attncomp::dense_fwd`` / ``sparse_fwd`` ops. The site's own nodes stay
+available as its eager form (:class:`attncomp.sitemodule.SiteModule`): training dropout, calls the
+fused path cannot express and a failed first-call verification run them, so a site is never
+silently different.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attncomp.ir import Causal, Mask, Plan, mask_and, static_part
+from attncomp.masks import blocks
+from attncomp.runtime.approx import Approximation
+from attncomp.runtime.device import use_triton
+from attncomp.runtime.site import EagerThisCall as _EagerThisCall
+from attncomp.runtime.site import SiteModule, Unsupported, kernel_failed
+from attncomp.strategies.dense import op as runtime
+from attncomp.strategies.linear.op import linear_attention
+from attncomp.strategies.sparse.masked import choose_blocks
+from attncomp.strategies.sparse.routing import routed_attention
+
+BIG = 1e30  # a fill value at or below -BIG masks a score exactly like -inf (see `_fold`)
+__all__ = ["AttentionKernel", "KernelMask", "Unsupported", "kernel_failed", "replay"]
+
+
+@dataclass(frozen=True)
+class KernelMask:
+    """A proven mask of the site (see ``attncomp.analyze.MaskUse``): ``static`` AND
+    ``keep_fn(terms[keep_term])``; hidden positions get ``fill`` in eager. With ``check_term`` (a
+    graph with symbolic sizes, proved at its example shape), ``terms[check_term]`` is the graph's own
+    mask, used by the score step ``check_op``: each call checks it against the proof."""
+
+    static: Mask
+    keep_term: int | None
+    keep_fn: object
+    fill: float
+    check_term: int | None = None
+    check_op: str | None = None
+
+
+_CHECKS: list = []  # recent per-call mask checks (weak refs to the tensors), shared by sites reading one mask
+MISMATCH = ("calls at shapes where the graph's mask differs from the one proved at the example shape ran the "
+            "site's own computation")
+
+
+def _right_padding(keep: Tensor | None, B: int, Lk: int) -> list[int] | None:
+    """The key count of each of the ``B`` sequences when ``keep`` (``(B or 1, 1, 1, Lk)``) keeps a
+    non-empty prefix of every sequence's keys (right padding), else None."""
+    if keep is None or keep.dim() != 4 or keep.shape[0] not in (1, B) or keep.shape[1:] != (1, 1, Lk):
+        return None
+    row = keep[:, 0, 0, :]
+    lengths = row.sum(-1)
+    if not bool((lengths > 0).all()) or not torch.equal(row, torch.arange(Lk, device=row.device) < lengths[:, None]):
+        return None
+    return lengths.expand(B).tolist()
+
+
+def _version(t: Tensor | None) -> int | None:
+    """In-place writes bump a tensor's version; inference tensors keep none (a graph's mask is not
+    written after it is computed)."""
+    return None if t is None or t.is_inference() else t._version
+
+
+def _holds(m: KernelMask, actual: Tensor, visible: Tensor) -> bool:
+    """Whether the graph's mask ``actual`` (as step ``m.check_op`` uses it) equals the proof ``visible``."""
+    if m.check_op == "masked_fill":
+        visible = ~visible  # the condition marks hidden positions
+    elif m.check_op == "add":
+        visible = torch.zeros((), dtype=actual.dtype, device=actual.device).masked_fill(~visible, m.fill)
+    try:
+        a, b = torch.broadcast_tensors(actual, visible)
+    except RuntimeError:
+        return False
+    return bool(torch.equal(a, b))
+
+
+def _ref(x, terms):
+    return terms[x[1]] if isinstance(x, tuple) and len(x) == 2 and x[0] == "term" else x
+
+
+def _apply_views(x: Tensor, views) -> Tensor:
+    for name, args in views:
+        x = getattr(x, name)(*args)
+    return x
+
+
+def replay(steps, terms, shape: tuple, device) -> tuple:
+    """Fold the score program into ``s = where(keep, scale·qk + bias, fill)``.
+
+    Returns ``(scale, bias, keep, fill)``: scale a float or a tensor constant along keys
+    (``(..., Lq, 1)``-broadcastable), bias ``None`` or a tensor broadcastable to ``shape``, keep
+    ``None`` or a bool tensor, fill a float. Raises :class:`Unsupported` otherwise.
+    """
+    scale, bias, keep, fill, cur = 1.0, None, None, None, tuple(shape)
+    for step in steps:
+        op, args = step[0], [_ref(a, terms) for a in step[1:]]
+        if op in ("mul", "div"):
+            x = args[0]
+            if isinstance(x, Tensor) and x.numel() == 1 and not x.requires_grad:
+                x = x.item()
+            if op == "div":
+                x = 1.0 / x
+            if isinstance(x, Tensor) and (keep is not None or cur != tuple(shape)):
+                raise Unsupported("tensor scale after a mask or a view")
+            if keep is not None and not x > 0:
+                raise Unsupported("non-positive scale after a mask")
+            scale = scale * x
+            bias = None if bias is None else bias * x
+            fill = None if fill is None else fill * x
+        elif op in ("add", "sub", "add_scaled"):
+            x = args[0]
+            if x is None:  # an optional mask that is absent at run time
+                continue
+            if op == "sub":
+                x = -x
+            if op == "add_scaled":
+                x = x * args[1]
+            if keep is not None and fill > -BIG:
+                raise Unsupported(f"a term added after a mask filled with {fill}")
+            if not isinstance(x, Tensor):
+                x = torch.tensor(float(x), device=device)
+            bias = x if bias is None else bias + x
+        elif op in ("masked_fill", "masked_fill_not"):
+            m, value = args
+            if isinstance(value, Tensor):
+                value = value.item()
+            value = float(value)
+            if fill is not None and value != fill and not (value <= -BIG and fill <= -BIG):
+                raise Unsupported("two masks with different fill values")
+            fill = value if fill is None else max(fill, value)
+            k = ~m if op == "masked_fill" else m
+            keep = k if keep is None else keep & k
+        elif op == "view":
+            new = torch.empty(cur, device="meta").reshape([int(_ref(a, terms)) for a in args[0]]).shape
+            bias = None if bias is None else bias.expand(cur).reshape(new)
+            keep = None if keep is None else keep.expand(cur).reshape(new)
+            cur = tuple(new)
+        elif op in ("cast", "mask"):  # proven masks run in the kernel (AttentionKernel.masks)
+            continue
+        else:
+            raise Unsupported(f"score step {op}")
+    if cur != tuple(shape):
+        raise Unsupported(f"the scores end in shape {cur}, not {tuple(shape)}")
+    return scale, bias, keep, fill
+
+
+def _fold(bias, keep, fill, dtype):
+    """One additive tensor equal to the masked scores' shift, or ``Unsupported``.
+
+    Exact when ``fill <= -1e30``: ``s + fill`` rounds to ``fill`` for any finite float32 score, so
+    masked positions end exactly at ``fill`` (and fully masked rows are uniform, as in eager).
+    """
+    if keep is None:
+        return bias
+    if fill > -BIG:
+        raise Unsupported(f"mask filled with finite value {fill:g} (replace semantics)")
+    fill_t = torch.tensor(fill, dtype=dtype, device=keep.device)
+    if fill == -math.inf:
+        shift = torch.where(keep, torch.zeros((), dtype=dtype, device=keep.device), fill_t)
+        return shift if bias is None else bias.to(dtype) + shift
+    return torch.where(keep, torch.zeros((), dtype=dtype, device=keep.device) if bias is None
+                       else bias.to(dtype), fill_t)
+
+
+def _to4d(x: Tensor) -> Tensor:
+    while x.dim() < 4:
+        x = x.unsqueeze(0)
+    return x
+
+
+class AttentionKernel(Approximation, SiteModule):
+    """Runs one attention site. Inputs: q, k, v as the graph has them (the site's view ops bring
+    them to q ``(..., Lq, D)``, k ``(..., Lk, D)``, v ``(..., Lk, Dv)``), the score program's terms,
+    then what the site's eager form reads besides; output as the site's (``out_views``)."""
+
+    def __init__(self, plan: Plan, steps, views, dropout: tuple, sdpa: dict, kv_groups: int,
+                 path: str, softmax_dtype=None, out_views=(), masks: tuple[KernelMask, ...] = (), approx=None):
+        super().__init__(path)
+        self.plan, self.steps, self.views = plan, steps, views
+        self.dropout_p, self.dropout_mode = dropout
+        self.sdpa, self.kv_groups = sdpa, kv_groups
+        self.softmax_dtype, self.out_views = softmax_dtype, out_views
+        self.masks = masks
+        # an opt-in approximation (attncomp.Linear, or Sparse with topk), its error measured on the first call
+        self.approx, self.approx_error, self.approx_rejected = approx, None, False
+        self.static = mask_and(*(m.static for m in masks))
+        self.expr = self.static.expr() if masks else None
+
+    def extra_repr(self) -> str:
+        return f"path={self.path!r}, strategy={self.plan.strategy}, mask={self.plan.spec.mask}"
+
+    def _dropout(self) -> float:
+        if self.dropout_mode == "module":
+            return self.dropout_p if self.training else 0.0
+        return self.dropout_p
+
+    def use_fused(self, inputs: tuple) -> bool:
+        return self._dropout() == 0.0  # training dropout: the site's own nodes (same random stream)
+
+    def fused(self, q: Tensor, k: Tensor, v: Tensor, *terms) -> Tensor:
+        q, k, v = (_apply_views(t, vw) for t, vw in zip((q, k, v), self.views))
+        return _apply_views(self._fused(q, k, v, terms), self.out_views)
+
+    def eager_bytes(self, inputs: tuple) -> int:
+        q, k = (_apply_views(t, vw) for t, vw in zip(inputs[:2], self.views))
+        return 3 * math.prod(q.shape[:-1]) * k.shape[-2] * max(q.element_size(), 4)
+
+    def verify_tolerance(self, dtype) -> float:
+        tol = super().verify_tolerance(dtype)
+        if self.approx is not None and not self.approx_rejected:  # the approximation's own tolerance
+            return max(tol, math.inf if self.approx.tolerance is None else self.approx.tolerance)
+        return tol
+
+    def rebuild_mask(self, j: int, op: str, dtype, args: tuple) -> Tensor:
+        """Proved mask ``j`` as the graph computed it for the step ``op`` (the proof says they are equal)."""
+        q, k = (_apply_views(t, vw) for t, vw in zip(args[:2], self.views))
+        m = self.masks[j]
+        terms = args[3:]
+        visible = self._visible(q.shape[-2], k.shape[-2], terms, q.device, (m,))
+        if op == "masked_fill":
+            return ~visible  # the condition marks hidden positions
+        if op == "add":
+            return torch.zeros((), dtype=dtype, device=q.device).masked_fill(~visible, m.fill)
+        return visible
+
+    # ------------------------------------------------------------------ fused path
+    def _fused(self, q: Tensor, k: Tensor, v: Tensor, terms) -> Tensor:
+        grouped = self.kv_groups > 1 or self.sdpa.get("enable_gqa")  # k, v keep Hkv heads
+        if not grouped and k.shape[:-2] != q.shape[:-2]:
+            raise Unsupported("q and k batch dims differ")
+        self._check_masks(q.shape[-2], k.shape[-2], terms, q.device)
+        shape = (*q.shape[:-1], k.shape[-2])
+        scale, bias, keep, fill = replay(self.steps, terms, shape, q.device)
+        if isinstance(scale, Tensor):
+            q, scale = q * scale.to(q.dtype), 1.0
+        if self.sdpa:  # SDPA's scale argument; None means 1/sqrt(D)
+            s = self.sdpa.get("scale")
+            scale = scale * (1.0 / math.sqrt(q.shape[-1]) if s is None else s)
+        if keep is not None and not torch.compiler.is_compiling() and runtime.nonfinite(q, k):
+            # A mask kept as a tensor is folded into an additive shift, and an Inf / NaN score at a
+            # hidden key would survive it (inf - inf = NaN) where eager's masked_fill replaces it.
+            raise _EagerThisCall("calls whose q or k held Inf / NaN ran eagerly (a run-time tensor mask "
+                                 "folded into an additive shift would turn a hidden Inf score into NaN)")
+        add = _fold(bias, keep, fill, q.dtype)
+        if add is not None:
+            add = add.to(q.dtype)
+        lead = q.shape[:-2]
+        if q.dim() > 4:
+            raise Unsupported("more than two batch dims")
+        q4, k4, v4 = _to4d(q), _to4d(k), _to4d(v)
+        while add is not None and add.dim() > max(len(shape), 4):
+            if add.shape[0] != 1:
+                raise Unsupported(f"bias of shape {tuple(add.shape)} has more batch dims than the scores")
+            add = add[0]
+        add4 = None if add is None else _to4d(add)
+        causal = 0 if self.sdpa.get("is_causal") else None
+        if self.approx_active():
+            return self._approximate(q4, k4, v4, float(scale)).reshape(*lead, q.shape[-2], v.shape[-1])
+        if self.masks:
+            out = self._masked(q4, k4, v4, add4, float(scale), terms)
+        else:
+            out, _ = runtime.dense_fwd(q4, k4, v4, add4, float(scale), causal, 0.0)
+            if self.plan.spec.empty_rows == "nan" and add4 is not None:
+                out = out.masked_fill(torch.isneginf(add4).all(-1, keepdim=True), math.nan)
+        if self.approx_pending():
+            out = self._measure(out, self._approximate(q4, k4, v4, float(scale)))
+        return out.reshape(*lead, q.shape[-2], v.shape[-1])
+
+    def _approximate(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        """The opt-in approximation of this site on 4-D q ``(B, Hq, Lq, D)``, k/v ``(B, Hkv, Lk, D/Dv)``:
+        linear attention (plan "linear") or content routing (``Sparse(topk=…)``)."""
+        if self.plan.strategy == "linear":
+            return self._linear(q, k, v)
+        return routed_attention(q, k, v, region=self.approx.routing_region, topk=self.approx.topk, scale=scale,
+                                causal=self._causal())
+
+    def _causal(self) -> bool:
+        return bool(self.sdpa.get("is_causal")) or isinstance(static_part(self.plan.spec.mask), Causal)
+
+    def _linear(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Linear attention φ(q)(φ(k)ᵀv) / φ(q)·Σφ(k) for this site (the softmax scale is not used)."""
+        groups = q.shape[1] // k.shape[1]
+        k, v = runtime.repeat_kv(k, groups), runtime.repeat_kv(v, groups)
+        return linear_attention(q, k, v, feature_map=self.approx.feature_map, causal=self._causal(),
+                                chunk=self.approx.chunk)
+
+    def _check_masks(self, Lq: int, Lk: int, terms, device) -> None:
+        """Masks proved at the example shape of a graph with symbolic sizes: the graph's mask of this
+        call must equal the proof (checked once per mask tensor, for all the sites reading it)."""
+        for m in self.masks:
+            if m.check_term is None:
+                continue
+            if torch.compiler.is_compiling():
+                raise _EagerThisCall("calls inside torch.compile ran the site's own computation (a mask proved at "
+                                     "one shape is checked per call, which a compiled graph cannot do)")
+            actual = terms[m.check_term]
+            keep = terms[m.keep_term] if m.keep_term is not None else None
+            key = (m.static, m.keep_fn, m.check_op, m.fill, Lq, Lk, _version(actual), _version(keep))
+            verdict = next((v for a, kp, k2, v in _CHECKS
+                            if a() is actual and k2 == key and (keep is None or kp() is keep)), None)
+            if verdict is None:
+                verdict = _holds(m, actual, self._visible(Lq, Lk, terms, device, (m,)))
+                _CHECKS.insert(0, (weakref.ref(actual), None if keep is None else weakref.ref(keep), key, verdict))
+                del _CHECKS[8:]
+            if not verdict:
+                raise _EagerThisCall(MISMATCH)
+
+    def _keep(self, terms) -> Tensor | None:
+        """The proven masks' run-time part: a bool tensor broadcastable to the scores, or None."""
+        keep = None
+        for m in self.masks:
+            if m.keep_term is not None:
+                kt = m.keep_fn(terms[m.keep_term])
+                keep = kt if keep is None else keep & kt
+        return keep
+
+    def _masked(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, terms) -> Tensor:
+        """Attention under the proven masks: the dense causal kernel when that is all there is, the
+        block-sparse kernel otherwise (visiting only the tiles the mask leaves), or — when the plan
+        says dense — the dense kernel on the materialised mask."""
+        keep, Lq, Lk = self._keep(terms), q.shape[2], k.shape[2]
+        lengths = (_right_padding(keep, q.shape[0], Lk)
+                   if self.static == Causal(0) and bias is None and not use_triton(q) else None)
+        if keep is None and isinstance(self.static, Causal):
+            out, lse = runtime.dense_fwd(q, k, v, bias, scale, self.static.offset, 0.0)
+        elif lengths is not None:
+            # CPU, causal AND right padding: each sequence's keys cut to its length run the dense causal
+            # kernel (about 2x faster than any mask; causal is top-left aligned, as Causal(0) is)
+            parts = [runtime.dense_fwd(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], None, scale, 0, 0.0)
+                     for b, n in enumerate(lengths)]
+            out, lse = (torch.cat(x, 0) for x in zip(*parts))
+        elif self.plan.strategy == "dense":
+            visible = self._visible(Lq, Lk, terms, q.device)
+            shift = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~visible, -math.inf)
+            out, lse = runtime.dense_fwd(q, k, v, shift if bias is None else bias + shift, scale, None, 0.0)
+        else:
+            bm, bn = choose_blocks(q, k, v, self.expr, keep, bias, scale, 0.0)
+            table = blocks.block_table_op(q, keep, self.expr or "", Lq, Lk, bm, bn)
+            out, lse = torch.ops.attncomp.sparse_fwd(q, k, v, bias, keep, *table, scale, 0.0, self.expr or "", bm, bn)
+        # a row that sees no key: eager gives the mean of v (finite fill: all scores equal), NaN
+        # (softmax of -inf) or zeros (SDPA)
+        empty = torch.isneginf(lse)[..., None]
+        if any(m.fill > -math.inf for m in self.masks):
+            mean = v.mean(-2, keepdim=True).repeat_interleave(q.shape[1] // v.shape[1], 1)
+            out = torch.where(empty, mean.to(out.dtype), out)
+        elif self.plan.spec.empty_rows == "nan":
+            out = out.masked_fill(empty, math.nan)
+        return out
+
+    def _visible(self, Lq: int, Lk: int, terms, device, masks=None) -> Tensor:
+        """The proven masks as a bool tensor broadcastable to the scores (True = visible)."""
+        visible = None
+        for m in self.masks if masks is None else masks:
+            part = blocks.dense_keep(m.static.expr(), Lq, Lk, device)
+            if m.keep_term is not None:
+                part = part & m.keep_fn(terms[m.keep_term])
+            visible = part if visible is None else visible & part
+        return visible
