@@ -23,12 +23,17 @@ __version__ = "0.1.0"
 # cheap as the public API above needs, and a user who never calls an op never loads it. The list is
 # explicit (not "any submodule") so that ``attncomp.cli`` or ``attncomp.__main__`` never run by
 # accident and a typo still raises ``AttributeError``.
-LAZY_SUBMODULES = ("ops", "linear", "tensor", "tensor_lowrank", "routing", "sparse", "blocks", "autotune", "ir")
+# short names for the modules the README documents (each strategy's op lives in its own folder)
+LAZY_SUBMODULES = {"ops": "ops", "ir": "ir", "linear": "strategies.linear.op", "tensor": "strategies.tensor.op",
+                   "tensor_lowrank": "strategies.tensor.lowrank", "routing": "strategies.sparse.routing",
+                   "sparse": "strategies.sparse.op", "blocks": "masks.blocks", "autotune": "runtime.autotune"}
 
 
 def __getattr__(name: str):
     if name in LAZY_SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")  # also binds it on the package
+        module = importlib.import_module(f"{__name__}.{LAZY_SUBMODULES[name]}")
+        globals()[name] = module
+        return module
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -18,6 +18,7 @@ from attncomp.frontend.roles import prove as prove_roles
 from attncomp.frontend.rules import COUNTERS, Miss, Site, find_sites, module_path
 from attncomp.ir import Causal, Full, Plan, mask_and
 from attncomp.ir import ops_table as T
+from attncomp.ir.program import map_operands
 from attncomp.passes import plan_site
 from attncomp.runtime.site import extract_region
 from attncomp.strategies import for_site
@@ -44,7 +45,7 @@ class SiteRecord:
 
 
 def _terms_of(site: Site, uses=()) -> tuple[list, list, tuple]:
-    """Replace fx.Node arguments of the score program (and of proven masks' run-time parts) with
+    """Replace fx.Node operands of the score program (and of proven masks' run-time parts) with
     ``("term", i)`` references; returns (steps, terms, kernel masks)."""
     terms: list = []
 
@@ -57,7 +58,7 @@ def _terms_of(site: Site, uses=()) -> tuple[list, list, tuple]:
             return type(x)(ref(a) for a in x)
         return x
 
-    steps = [(s[0], *[ref(a) for a in s[1:]]) for s in site.steps]
+    steps = [map_operands(s, ref) for s in site.steps]
     if site.sdpa.get("attn_mask") is not None:
         site.sdpa = {**site.sdpa, "attn_mask": ref(site.sdpa["attn_mask"])}
     masks = tuple(KernelMask(u.static, None if u.keep_src is None else ref(u.keep_src)[1], u.keep_fn, u.fill,
@@ -114,7 +115,7 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list, checked_masks: b
         if isinstance(roles, str):
             records.append(SiteRecord(site.module_path, site.rule, "left", roles, spec))
             continue
-        why = check_program(site)
+        why = check_program(site, roles.scores)
         if why:
             records.append(SiteRecord(site.module_path, site.rule, "left", why, spec))
             continue

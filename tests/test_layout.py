@@ -59,7 +59,8 @@ def _imports(module: str, path: Path, known: dict):
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
             if not base.startswith("attncomp"):
                 continue
             for alias in node.names:

@@ -15,9 +15,8 @@ import torch
 from attncomp.frontend.rules import Site
 from attncomp.ir import AttentionSpec, Causal, Dims, Mask, Score, TensorMask, mask_and
 from attncomp.ir import ops_table as T
+from attncomp.ir.program import AddBias, MaskFill, Meta, ProvedMask, Scale, View, check, map_operands
 from attncomp.masks.analysis import analyze_mask as _analyze
-
-BIG = 1e30
 
 
 def _shape_after(node, views) -> tuple | None:
@@ -39,35 +38,20 @@ def _const_value(x):
     return None
 
 
-def check_program(site: Site) -> str | None:
-    """Why the fused path cannot run this score program, or ``None`` if it can."""
-    fill, masked, viewed = None, False, False
-    for step in site.steps:
-        op, args = step[0], step[1:]
-        if op in ("mul", "div"):
-            c = _const_value(args[0])
-            if c is None and (masked or viewed):
-                return "the scores are scaled by a tensor after a mask or a view"
-            if masked and c is not None and not c > 0:
-                return "the masked scores are scaled by a non-positive constant"
-        elif op in ("add", "sub", "add_scaled"):
-            if masked and (fill is None or fill > -BIG):
-                return f"a term is added after a mask filled with {fill}"
-        elif op in ("masked_fill", "masked_fill_not"):
-            v = _const_value(args[1])
-            if v is None:
-                shp = T.shape(args[1])
-                if shp is None or math.prod(shp) != 1:
-                    return "a mask is filled with a tensor of values"
-            elif v > -BIG:
-                return (f"masked_fill with the finite value {v:g} replaces scores; only -inf or "
-                        "finfo.min fills are fused")
-            if fill is not None and v is not None and v != fill and not (v <= -BIG and fill <= -BIG):
-                return "two masks with different fill values"
-            fill, masked = (v if v is not None else -math.inf), True
-        elif op == "view":
-            viewed = True
-    return None
+def _meta_of(x):
+    """A graph operand as the fold's compile-time stand-in (constants stay as they are)."""
+    if not isinstance(x, torch.fx.Node):
+        return x
+    m = T.meta(x)
+    if m is None or not hasattr(m, "shape"):  # a Python number computed in the graph
+        return Meta(None)
+    return Meta(tuple(m.shape))
+
+
+def check_program(site: Site, scores: tuple) -> str | None:
+    """Why the fused path cannot run this score program on scores of shape ``scores``, or ``None``
+    if it can: the one fold (:func:`attncomp.ir.program.fold`) run on compile-time stand-ins."""
+    return check([map_operands(step, _meta_of) for step in site.steps], scores)
 
 
 def analyze(site: Site) -> AttentionSpec:
@@ -85,21 +69,21 @@ def analyze(site: Site) -> AttentionSpec:
     if site.sdpa.get("is_causal"):
         masks.append(Causal(0))
     for step in site.steps:
-        if step[0] in ("masked_fill", "masked_fill_not"):
-            masks.append(TensorMask("bool", T.shape(step[1])))
-        elif step[0] in ("add", "sub", "add_scaled") and isinstance(step[1], torch.fx.Node):
-            m = T.meta(step[1])
+        if isinstance(step, MaskFill):
+            masks.append(TensorMask("bool", T.shape(step.cond)))
+        elif isinstance(step, AddBias) and isinstance(step.term, torch.fx.Node):
+            m = T.meta(step.term)
             kind = "bool" if m is not None and m.dtype == torch.bool else "additive"
-            masks.append(TensorMask(kind, T.shape(step[1])))
+            masks.append(TensorMask(kind, T.shape(step.term)))
             bias.append("tensor")
     scale = site.sdpa.get("scale") if site.sdpa else 1.0
     for step in site.steps:
-        if step[0] in ("mul", "div"):
-            c = _const_value(step[1])
+        if isinstance(step, Scale):
+            c = _const_value(step.factor)
             if c is None:
                 scale = "tensor"
             elif isinstance(scale, float):
-                scale = scale * c if step[0] == "mul" else scale / c
+                scale = scale / c if step.divide else scale * c
     if site.sdpa and scale is None and dims.Dk:
         scale = 1.0 / math.sqrt(dims.Dk)
     return AttentionSpec(
@@ -134,7 +118,7 @@ class MaskUse:
 
 def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None,
                     checked: bool = False) -> tuple[list, list[MaskUse]] | str:
-    """Replace the proven mask steps of ``site.steps`` by ``("mask", i)`` (``i`` indexes the returned
+    """Replace the proven mask steps of ``site.steps`` by ``ProvedMask(i)`` (``i`` indexes the returned
     uses); returns (new steps, uses). ``memo`` (one dict per graph rewrite) reuses the proof of a mask
     node shared by several sites — transformers builds one mask and every layer reads it.
 
@@ -171,28 +155,28 @@ def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None,
                       "graph's mask against the proof (a call where it differs runs the site's own computation)")
         return MaskUse(fact.static, fact.keep_src, fact.keep_fn, fill, proof,
                        node if symbolic else None, op if symbolic else None, node, op)
-    if any(s[0] == "view" for s in site.steps):
+    if any(isinstance(s, View) for s in site.steps):
         return "the scores are viewed between the product and the softmax"
     kept, uses, refused = [], [], []
     for step in site.steps:
-        op = step[0]
-        if op in ("masked_fill", "masked_fill_not"):
-            fill = _const_value(step[2])
+        if isinstance(step, MaskFill):
+            fill = _const_value(step.value)
             if fill is None:
                 return "a mask is filled with a tensor"
-            fact = analyze_mask(step[1], Lq, Lk, negate=op == "masked_fill")
+            op = "masked_fill" if step.hide_where else "masked_fill_not"
+            fact = analyze_mask(step.cond, Lq, Lk, negate=step.hide_where)
             if isinstance(fact, str):
                 return fact
-            kept.append(("mask", len(uses)))
-            uses.append(use(fact, fill, step[1], op))
-        elif op == "add" and isinstance(step[1], torch.fx.Node):
-            fact = analyze_mask(step[1], Lq, Lk)
+            kept.append(ProvedMask(len(uses)))
+            uses.append(use(fact, fill, step.cond, op))
+        elif isinstance(step, AddBias) and step.coef == 1.0 and isinstance(step.term, torch.fx.Node):
+            fact = analyze_mask(step.term, Lq, Lk)
             if isinstance(fact, str) or fact.fill is None:
                 refused.append(fact if isinstance(fact, str) else "a bool tensor added to the scores")
                 kept.append(step)
             else:
-                kept.append(("mask", len(uses)))
-                uses.append(use(fact, fact.fill, step[1], "add"))
+                kept.append(ProvedMask(len(uses)))
+                uses.append(use(fact, fact.fill, step.term, "add"))
         else:
             kept.append(step)
     if not uses:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from attncomp.ir import ops_table as T
+from attncomp.ir.program import View, operands
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,11 @@ class Roles:
     k: tuple
     v: tuple
     out: tuple
+
+    @property
+    def scores(self) -> tuple:
+        """The score product's shape ``(..., Lq, Lk)``."""
+        return (*self.q[:-2], self.q[-2], self.k[-2])
 
     def __str__(self) -> str:
         lq, lk, d, dv = self.q[-2], self.k[-2], self.q[-1], self.v[-1]
@@ -138,8 +144,8 @@ def prove(site, gm: fx.GraphModule) -> Roles | str:
             return (f"the score program changes the scores' shape from {_fmt(scores)} to {T.shape(sm_in)} "
                     "before the softmax")
     for step in site.steps:
-        terms = [a for a in step[1:] if isinstance(a, fx.Node)]
-        if step[0] != "view" and not all(_broadcasts_into(t, scores) for t in terms):
+        terms = [a for a in operands(step) if isinstance(a, fx.Node)]
+        if not isinstance(step, View) and not all(_broadcasts_into(t, scores) for t in terms):
             bad = next(t for t in terms if not _broadcasts_into(t, scores))
             return (f"the score term `{bad.name}` {T.shape(bad)} does not broadcast into the scores {_fmt(scores)} "
                     "(it would enlarge them)")

@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 
 from attncomp.ir import ops_table as T
+from attncomp.ir.program import AddBias, MaskFill, Scale, View
 
 COUNTERS: collections.Counter = collections.Counter()
 # How explain names a site in the model's own forward (its module path is "", the model's name in
@@ -49,7 +50,7 @@ class Site:
     q: Operand
     k: Operand
     v: Operand
-    steps: list = field(default_factory=list)     # score program: [(op, arg, ...)], args are nodes/consts
+    steps: list = field(default_factory=list)     # score program (attncomp.ir.program steps), operands nodes/consts
     dropout: tuple = (0.0, "off")     # (p, mode): mode "const" (fixed at capture), "module" (follows .training)
     sdpa: dict = field(default_factory=dict)      # sdpa_call: attn_mask, is_causal, scale, enable_gqa
     kv_groups: int = 1                # >1 when a repeat_kv expansion was folded away (GQA/MQA)
@@ -246,7 +247,7 @@ def _score_program(start: fx.Node, gm) -> tuple[fx.Node, list, list] | str:
             node = a[0]
         elif T.is_op(node, T.VIEW, gm):
             shp = a[1:] if len(a) > 2 or not isinstance(a[1], (list, tuple)) else a[1]
-            steps.append(("view", tuple(shp)))
+            steps.append(View(tuple(shp)))
             node = a[0]
         elif T.is_op(node, T.MUL | T.DIV | T.ADD | T.SUB, gm):
             if len(a) < 2 or node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("rounding_mode"):
@@ -264,21 +265,22 @@ def _score_program(start: fx.Node, gm) -> tuple[fx.Node, list, list] | str:
                 s = T.shape(other)
                 if s is not None and len(s) and s[-1] != 1:
                     return f"`{node.name}` multiplies scores by a tensor that varies along keys"
-            steps.append((op, other))
+            steps.append(Scale(other, divide=op == "div") if op in ("mul", "div")
+                         else AddBias(other, -1.0 if op == "sub" else 1.0))
             node = chain
         elif T.is_op(node, T.ADD_OPTIONAL, gm):
-            steps.append(("add", a[1] if len(a) > 1 else None))
+            steps.append(AddBias(a[1] if len(a) > 1 else None))
             node = a[0]
         elif T.is_op(node, T.MASKED_FILL, gm):
-            steps.append(("masked_fill", a[1], T.arg(node, 2, "value")))
+            steps.append(MaskFill(a[1], T.arg(node, 2, "value"), hide_where=True))
             node = a[0]
         elif T.is_op(node, T.WHERE, gm):
             cond, x, y = a[0], a[1], a[2]
             if _reaches(x, PRODUCT, gm):
-                steps.append(("masked_fill_not", cond, y))
+                steps.append(MaskFill(cond, y, hide_where=False))
                 node = x
             elif _reaches(y, PRODUCT, gm):
-                steps.append(("masked_fill", cond, x))
+                steps.append(MaskFill(cond, x, hide_where=True))
                 node = y
             else:
                 return f"`{node.name}` does not lead back to a q·kᵀ product"
@@ -321,9 +323,9 @@ def _qk_operands(prod: fx.Node, gm, steps: list) -> tuple[Operand, Operand, list
         beta, alpha = prod.kwargs.get("beta", 1), prod.kwargs.get("alpha", 1)
         if not (_const(beta) and _const(alpha)):
             return "baddbmm with tensor beta/alpha is not supported"
-        pre = [("mul", alpha)] if alpha != 1 else []
+        pre = [Scale(alpha)] if alpha != 1 else []
         if beta != 0:
-            pre.append(("add", inp) if beta == 1 else ("add_scaled", inp, beta))
+            pre.append(AddBias(inp, float(beta)))
         return Operand(a), _untranspose(b, gm, prod), pre + steps
     a, b = prod.args[0], prod.args[1]
     return Operand(a), _untranspose(b, gm, prod), steps
@@ -430,9 +432,9 @@ def match_sdpa_call(node: fx.Node, gm) -> Site | Miss:
     if mask is not None:
         m = T.meta(mask)
         if m is not None and m.dtype == torch.bool:
-            steps.append(("masked_fill_not", mask, -math.inf))
+            steps.append(MaskFill(mask, -math.inf, hide_where=False))
         else:
-            steps.append(("add", mask))
+            steps.append(AddBias(mask))
     site = Site(rule, node, node, Operand(q), Operand(k), Operand(v), steps,
                 (float(opts["dropout_p"]), "const"), sdpa=opts, region=[node], module_path=path)
     return site

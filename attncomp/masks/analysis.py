@@ -34,13 +34,13 @@ import torch
 from torch import fx
 
 from attncomp import ir
+from attncomp.ir.program import BIG
 from attncomp.masks.blocks import dense_keep, eval_expr
 from attncomp.masks.graph import AXES, GraphReader, Refuse, to_bool
 
 Q = sp.Symbol("q", integer=True, nonnegative=True)
 KV = sp.Symbol("kv", integer=True, nonnegative=True)
 KEEP = sp.Symbol("keep")
-BIG = 1e30
 COUNTERS: collections.Counter = collections.Counter()
 
 

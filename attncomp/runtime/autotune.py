@@ -10,7 +10,7 @@ config (a plain dict of knobs)::
         candidates,                                    # list of config dicts (already pruned)
         lambda cfg: run_kernel(..., config=cfg),       # runs the kernel once with cfg (return ignored)
         default,                                       # heuristic config (ATTNCOMP_AUTOTUNE=0, or all failed)
-        device=q.device, version=autotune.source_hash("dense_fwd.py.j2"))
+        device=q.device, version=codegen.source_hash("dense_fwd.py.j2"))
 
 What happens, by ``ATTNCOMP_AUTOTUNE`` (read on every call):
 
@@ -41,7 +41,6 @@ by ``os.pathsep``). A corrupt or foreign file is reported once (a ``RuntimeWarni
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -55,10 +54,8 @@ from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
-from attncomp.runtime import codegen
-
 __all__ = ["FAILURES", "STATS", "bucket", "cache_path", "choose", "device_info", "ensure_file", "entries",
-           "load_cache", "mode", "reset", "source_hash"]
+           "load_cache", "mode", "reset"]
 
 FORMAT, FORMAT_VERSION = "attncomp-autotune", 1
 MODES = ("0", "1", "force")
@@ -146,18 +143,6 @@ def device_info(device=None) -> dict[str, str]:
 
 
 @cache
-@cache
-def source_hash(*names: str) -> str:
-    """A short hash of template files (``"dense_fwd.py.j2"``, ``"sparse_configs.py"``: see
-    :func:`codegen.template_file`) or of other files given by an absolute path: pass it as ``version``
-    so an edited kernel is re-tuned. Read once per process (launchers ask on every call)."""
-    h = hashlib.sha256()
-    for name in names:
-        path = Path(name) if os.path.isabs(name) else codegen.template_dir() / codegen.template_file(name)
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def _canon(d: dict, what: str) -> tuple:
     for k, v in d.items():
         if not isinstance(v, (str, int, float, bool)) or isinstance(v, float) and not math.isfinite(v):

@@ -27,7 +27,8 @@ from types import ModuleType
 
 import jinja2
 
-__all__ = ["STATS", "cache_dir", "environment", "load_kernel_module", "render", "template_dir", "template_file"]
+__all__ = ["STATS", "cache_dir", "environment", "load_kernel_module", "render", "source_hash", "template_dir",
+           "template_file"]
 
 # Counters so tests can assert caching: renders performed, modules imported.
 STATS: dict[str, int] = {"render": 0, "import": 0}
@@ -198,3 +199,15 @@ def load_kernel_module(template_name: str, **flags: object) -> ModuleType:
         STATS["import"] += 1
         _MODULES[key] = module
         return module
+
+
+@cache
+def source_hash(*names: str) -> str:
+    """A short hash of template files (``"dense_fwd.py.j2"``, ``"sparse_configs.py"``: see
+    :func:`codegen.template_file`) or of other files given by an absolute path: pass it as ``version``
+    so an edited kernel is re-tuned. Read once per process (launchers ask on every call)."""
+    h = hashlib.sha256()
+    for name in names:
+        path = Path(name) if os.path.isabs(name) else template_dir() / template_file(name)
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]

@@ -41,6 +41,11 @@ class Registered:
     name: str
     request: type[Strategy]
     plan: Callable[[AttentionSpec, Strategy], Plan | str | None]
+    # how a softmax site planned for this strategy runs, when it brings its own op:
+    # run(site, q, k, v, bias, scale, causal_offset, keep) -> out, with q (B, Hq, Lq, D), k / v
+    # (B, Hkv, Lk, D / Dv), bias additive (broadcastable to the scores) or None, keep the proved masks'
+    # run-time part or None, out (B, Hq, Lq, Dv). None: the built-in dense / block-sparse paths.
+    run: Callable | None = None
 
 
 def leaves(mask) -> tuple:

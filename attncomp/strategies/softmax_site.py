@@ -18,17 +18,18 @@ import torch
 from torch import Tensor
 
 from attncomp.ir import Causal, Mask, Plan, mask_and, static_part
+from attncomp.ir.program import BIG, Unfoldable, fold, map_operands
 from attncomp.masks import blocks
 from attncomp.runtime.approx import Approximation
 from attncomp.runtime.device import use_triton
 from attncomp.runtime.site import EagerThisCall as _EagerThisCall
 from attncomp.runtime.site import SiteModule, Unsupported, kernel_failed
+from attncomp.strategies import REGISTRY
 from attncomp.strategies.dense import op as runtime
 from attncomp.strategies.linear.op import linear_attention
 from attncomp.strategies.sparse.masked import choose_blocks
 from attncomp.strategies.sparse.routing import routed_attention
 
-BIG = 1e30  # a fill value at or below -BIG masks a score exactly like -inf (see `_fold`)
 __all__ = ["AttentionKernel", "KernelMask", "Unsupported", "kernel_failed", "replay"]
 
 
@@ -94,63 +95,13 @@ def _apply_views(x: Tensor, views) -> Tensor:
 
 
 def replay(steps, terms, shape: tuple, device) -> tuple:
-    """Fold the score program into ``s = where(keep, scale·qk + bias, fill)``.
-
-    Returns ``(scale, bias, keep, fill)``: scale a float or a tensor constant along keys
-    (``(..., Lq, 1)``-broadcastable), bias ``None`` or a tensor broadcastable to ``shape``, keep
-    ``None`` or a bool tensor, fill a float. Raises :class:`Unsupported` otherwise.
-    """
-    scale, bias, keep, fill, cur = 1.0, None, None, None, tuple(shape)
-    for step in steps:
-        op, args = step[0], [_ref(a, terms) for a in step[1:]]
-        if op in ("mul", "div"):
-            x = args[0]
-            if isinstance(x, Tensor) and x.numel() == 1 and not x.requires_grad:
-                x = x.item()
-            if op == "div":
-                x = 1.0 / x
-            if isinstance(x, Tensor) and (keep is not None or cur != tuple(shape)):
-                raise Unsupported("tensor scale after a mask or a view")
-            if keep is not None and not x > 0:
-                raise Unsupported("non-positive scale after a mask")
-            scale = scale * x
-            bias = None if bias is None else bias * x
-            fill = None if fill is None else fill * x
-        elif op in ("add", "sub", "add_scaled"):
-            x = args[0]
-            if x is None:  # an optional mask that is absent at run time
-                continue
-            if op == "sub":
-                x = -x
-            if op == "add_scaled":
-                x = x * args[1]
-            if keep is not None and fill > -BIG:
-                raise Unsupported(f"a term added after a mask filled with {fill}")
-            if not isinstance(x, Tensor):
-                x = torch.tensor(float(x), device=device)
-            bias = x if bias is None else bias + x
-        elif op in ("masked_fill", "masked_fill_not"):
-            m, value = args
-            if isinstance(value, Tensor):
-                value = value.item()
-            value = float(value)
-            if fill is not None and value != fill and not (value <= -BIG and fill <= -BIG):
-                raise Unsupported("two masks with different fill values")
-            fill = value if fill is None else max(fill, value)
-            k = ~m if op == "masked_fill" else m
-            keep = k if keep is None else keep & k
-        elif op == "view":
-            new = torch.empty(cur, device="meta").reshape([int(_ref(a, terms)) for a in args[0]]).shape
-            bias = None if bias is None else bias.expand(cur).reshape(new)
-            keep = None if keep is None else keep.expand(cur).reshape(new)
-            cur = tuple(new)
-        elif op in ("cast", "mask"):  # proven masks run in the kernel (AttentionKernel.masks)
-            continue
-        else:
-            raise Unsupported(f"score step {op}")
-    if cur != tuple(shape):
-        raise Unsupported(f"the scores end in shape {cur}, not {tuple(shape)}")
-    return scale, bias, keep, fill
+    """The score program folded on this call's tensors (:func:`attncomp.ir.program.fold`):
+    ``(scale, bias, keep, fill)`` with ``s = where(keep, scale·qk + bias, fill)``; raises
+    :class:`Unsupported` when the call's values have no such form."""
+    try:
+        return fold([map_operands(s, lambda x: _ref(x, terms)) for s in steps], shape, device)
+    except Unfoldable as e:
+        raise Unsupported(str(e)) from None
 
 
 def _fold(bias, keep, fill, dtype):
@@ -175,6 +126,11 @@ def _to4d(x: Tensor) -> Tensor:
     while x.dim() < 4:
         x = x.unsqueeze(0)
     return x
+
+
+def strategy_run(name: str):
+    """The ``run`` hook of the registered strategy ``name`` (None: one of the built-in paths below)."""
+    return next((s.run for s in REGISTRY if s.name == name), None)
 
 
 class AttentionKernel(Approximation, SiteModule):
@@ -263,6 +219,10 @@ class AttentionKernel(Approximation, SiteModule):
             add = add[0]
         add4 = None if add is None else _to4d(add)
         causal = 0 if self.sdpa.get("is_causal") else None
+        run = strategy_run(self.plan.strategy)
+        if run is not None:  # a registered strategy that runs its own op
+            keep = self._keep(terms) if self.masks else None
+            return run(self, q4, k4, v4, add4, float(scale), causal, keep).reshape(*lead, q.shape[-2], v.shape[-1])
         if self.approx_active():
             return self._approximate(q4, k4, v4, float(scale)).reshape(*lead, q.shape[-2], v.shape[-1])
         if self.masks:

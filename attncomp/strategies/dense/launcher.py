@@ -80,7 +80,7 @@ def tuned_config(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                         smem_limit=smem)
 
     return autotune.choose(kernel, signature, autotune.bucket(Lq=Lq, Lk=Lk, BH=B * Hq), cands, bench, default,
-                           device=q.device, version=autotune.source_hash(f"{kernel}.py.j2", "_common.py.j2"))
+                           device=q.device, version=codegen.source_hash(f"{kernel}.py.j2", "_common.py.j2"))
 
 
 def launch_meta(cfg: dict[str, int], Lq: int, Lk: int, D: int, Dv: int, dtype: torch.dtype) -> dict[str, object]:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from attncomp import ir
 from attncomp.masks import blocks
-from attncomp.runtime import autotune, validate
+from attncomp.runtime import autotune, codegen, validate
 from attncomp.runtime.device import use_triton
 from attncomp.strategies.sparse import op as _sparse_op  # noqa: F401  (registers attncomp::sparse_fwd)
 from attncomp.templates.sparse import configs as sparse_configs
@@ -59,7 +59,7 @@ def choose_blocks(q: Tensor, k: Tensor, v: Tensor, expr: str | None, keep: Tenso
                           lambda: sparse_configs.candidates(q.device.type, triton, interpret, Lq, Lk, max(D, Dv),
                                                             signature["dtype"]), bench,
                           {"BLOCK_M": default[0], "BLOCK_N": default[1]}, device=q.device,
-                          version=autotune.source_hash("sparse_fwd.py.j2", "sparse_configs.py",
+                          version=codegen.source_hash("sparse_fwd.py.j2", "sparse_configs.py",
                                                        str(Path(__file__).with_name("op.py"))))
     return int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
 

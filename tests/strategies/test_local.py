@@ -186,7 +186,8 @@ def test_gqa_sdpa_training_dropout_runs_the_literal_site():
 
 
 def _quickstart():
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.join(root, "examples"))
     import quickstart
 
     return quickstart

@@ -17,7 +17,7 @@ from attncomp.strategies.dense import op as runtime
 from attncomp.templates.dense import configs as dense_configs
 from conftest import rel_err
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 SIG = {"strategy": "dense", "mask": "causal", "dtype": "float16", "D": 64, "gqa": 1}
@@ -159,8 +159,8 @@ def test_failing_candidate_is_recorded_not_fatal(tune_env):
 
 WRITER = textwrap.dedent("""
     import importlib.util, os, sys, time
-    # attncomp/autotune.py alone, without the package __init__ (Dynamo, Triton): a faster start
-    spec = importlib.util.spec_from_file_location("autotune", os.path.join("attncomp", "autotune.py"))
+    # attncomp/runtime/autotune.py alone, without the package __init__ (Dynamo, Triton): a faster start
+    spec = importlib.util.spec_from_file_location("autotune", os.path.join("attncomp", "runtime", "autotune.py"))
     autotune = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(autotune)
     tag, barrier = sys.argv[1], sys.argv[2]

@@ -16,6 +16,7 @@ from torch import fx, nn
 from attncomp import ir
 from attncomp.frontend import rules as match
 from attncomp.frontend.capture import capture_fx
+from attncomp.ir.program import AddBias, MaskFill
 from attncomp.masks.analysis import KeyPadding, MaskFact, analyze_mask
 from attncomp.masks.blocks import dense_keep
 
@@ -48,10 +49,10 @@ def mask_of(site) -> tuple[fx.Node | None, bool]:
     if site.sdpa:
         return site.sdpa["attn_mask"], False
     for step in site.steps:
-        if step[0] in ("masked_fill", "masked_fill_not"):
-            return step[1], step[0] == "masked_fill"
-        if step[0] == "add" and isinstance(step[1], fx.Node):
-            return step[1], False
+        if isinstance(step, MaskFill):
+            return step.cond, step.hide_where
+        if isinstance(step, AddBias) and isinstance(step.term, fx.Node):
+            return step.term, False
     return None, False
 
 
