@@ -1,0 +1,11 @@
+"""Context parallelism over ``torch.distributed``: ring attention on sequence shards.
+
+``ring_attention(q, k, v, mask=..., group=..., layout=...)`` runs attention over a sequence sharded
+across a process group; ``shard`` / ``unshard`` move tensors between full and per-rank form;
+``shard_positions`` gives a shard's global position ids. See :mod:`.ring` and :mod:`.schedule`.
+"""
+
+from .layout import LAYOUTS, shard, shard_positions, unshard
+from .ring import ring_attention, traffic
+
+__all__ = ["LAYOUTS", "ring_attention", "shard", "shard_positions", "traffic", "unshard"]
