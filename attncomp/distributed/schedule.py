@@ -97,8 +97,10 @@ def visible_keys(mask, q0: int, q1: int, k0: int, k1: int) -> tuple[int, int]:
 @dataclass(frozen=True)
 class Call:
     """One block call: this rank's query rows ``q`` (local to its shard) against the rows ``kv`` of the
-    key/value buffer of this step (local to that buffer); ``q_start`` / ``kv_start`` are the global
-    positions of their first rows; ``masked``: the pair is partial (apply the mask)."""
+    key/value buffer of this step (local to that buffer); ``masked``: the pair is partial (apply the
+    mask), and then key ``j`` of the block is visible from query ``i`` iff the mask's predicate holds
+    at ``(q_start + i, kv_start + j)`` — the global positions of the rows, or for a rank's own shard
+    under a causal mask (one call), positions in the shard."""
 
     q: tuple[int, int]
     kv: tuple[int, int]
@@ -138,14 +140,13 @@ class Schedule:
 
 
 def _split_partial(mask, qc, kc, tile: int) -> list[tuple[int, int, int, int, str]]:
-    """A partial chunk pair as (q0, q1, k0, k1, kind) pieces in global positions: window and
-    block-diagonal pairs are cut into query tiles, each against only the keys it sees."""
+    """A partial chunk pair as (q0, q1, k0, k1, kind) pieces in global positions, each against only
+    the keys its queries see; window and block-diagonal pairs are cut into query tiles first."""
     q0, q1, k0, k1 = qc.start, qc.stop, kc.start, kc.stop
-    if isinstance(mask, ir.Causal) or q1 - q0 <= tile:
-        return [(q0, q1, k0, k1, PARTIAL)]
+    step = q1 - q0 if isinstance(mask, ir.Causal) else tile
     out = []
-    for a in range(q0, q1, tile):
-        b = min(q1, a + tile)
+    for a in range(q0, q1, step):
+        b = min(q1, a + step)
         ka, kb = visible_keys(mask, a, b, k0, k1)
         kind = classify(mask, a, b, ka, kb)
         if kind != EMPTY:
@@ -153,56 +154,62 @@ def _split_partial(mask, qc, kc, tile: int) -> list[tuple[int, int, int, int, st
     return out
 
 
-def _coalesce(pieces: list[tuple[int, int, int, int, str]]) -> list[tuple[int, int, int, int, str]]:
-    """Merge full pieces that share a query range and have adjacent key ranges, then full pieces that
-    share a key range and have adjacent query ranges (zigzag: one call instead of two)."""
-    full = sorted(p for p in pieces if p[4] == FULL)
-    rest = [p for p in pieces if p[4] != FULL]
-    for key_axis in (True, False):
+def _coalesce(calls: list[tuple]) -> list[tuple]:
+    """Merge unmasked calls (local coordinates) that share a query range and have adjacent key ranges,
+    then those that share a key range and have adjacent query ranges: zigzag's two chunks of a peer
+    are one call when both are fully visible. Masked calls stay as they are (global positions matter)."""
+    full = [list(c) for c in calls if not c[6]]
+    for q_axis in (False, True):
+        a, b = (0, 2) if q_axis else (2, 0)  # merge along axis a (start a, stop a+1), same range on b
         merged: list[list] = []
-        order = sorted(full, key=(lambda p: (p[0], p[1], p[2])) if key_axis else (lambda p: (p[2], p[3], p[0])))
-        for p in order:
+        for c in sorted(full, key=lambda c: (c[b], c[b + 1], c[a])):
             m = merged[-1] if merged else None
-            if m and key_axis and (m[0], m[1]) == (p[0], p[1]) and m[3] == p[2]:
-                m[3] = p[3]
-            elif m and not key_axis and (m[2], m[3]) == (p[2], p[3]) and m[1] == p[0]:
-                m[1] = p[1]
+            if m and (m[b], m[b + 1]) == (c[b], c[b + 1]) and m[a + 1] == c[a]:
+                m[a + 1] = c[a + 1]
             else:
-                merged.append(list(p))
-        full = [tuple(m) for m in merged]
-    return full + rest
+                merged.append(c)
+        full = merged
+    return [tuple(c) for c in full] + [c for c in calls if c[6]]
 
 
 def _pair_calls(mask, lay: ShardLayout, r: int, s: int, tile: int) -> list[tuple]:
     """Rank r's queries against rank s's keys: (q_local0, q_local1, kv_local0, kv_local1, q_start,
     kv_start, masked) with kv in s's shard coordinates."""
-    qchunks, kchunks = lay.chunks(r), lay.chunks(s)
-    pieces = []
-    for qc in qchunks:
-        for kc in kchunks:
-            kind = classify(mask, qc.start, qc.stop, kc.start, kc.stop)
-            if kind == FULL:
-                pieces.append((qc.start, qc.stop, kc.start, kc.stop, FULL))
-            elif kind == PARTIAL:
-                pieces.extend(_split_partial(mask, qc, kc, tile))
-
-    def local(pos, chunks):
-        for c in chunks:
-            if c.start <= pos <= c.stop:
-                return c.local + pos - c.start
-        raise AssertionError(pos)
-
     calls = []
-    for q0, q1, k0, k1, kind in _coalesce(pieces):
-        # coalesced ranges are adjacent in the shard too (zigzag chunk r then 2W-1-r is only merged
-        # when both are full and adjacent globally, which happens only for the same rank's chunks)
-        lq0, lk0 = local(q0, qchunks), local(k0, kchunks)
-        calls.append((lq0, lq0 + q1 - q0, lk0, lk0 + k1 - k0, q0, k0, kind == PARTIAL))
-    return sorted(calls)
+    for qc in lay.chunks(r):
+        for kc in lay.chunks(s):
+            kind = classify(mask, qc.start, qc.stop, kc.start, kc.stop)
+            if kind == EMPTY:
+                continue
+            pieces = [(qc.start, qc.stop, kc.start, kc.stop, FULL)] if kind == FULL else _split_partial(mask, qc, kc,
+                                                                                                          tile)
+            for q0, q1, k0, k1, k in pieces:
+                lq, lk = qc.local + q0 - qc.start, kc.local + k0 - kc.start
+                calls.append((lq, lq + q1 - q0, lk, lk + k1 - k0, q0, k0, k == PARTIAL))
+    return sorted(_coalesce(calls))
+
+
+def _local_causal(mask, lay: ShardLayout, r: int) -> bool:
+    """Rank r's own queries against its own keys are exactly ``Causal(offset)`` in shard coordinates
+    (contiguous, and zigzag under ``Causal(0)``: the early chunk precedes the late one): one call."""
+    if not isinstance(mask, ir.Causal):
+        return False
+    chunks = lay.chunks(r)
+    for qc in chunks:
+        for kc in chunks:
+            kind = classify(mask, qc.start, qc.stop, kc.start, kc.stop)
+            if kind != classify(mask, qc.local, qc.local + qc.length, kc.local, kc.local + kc.length):
+                return False
+            if kind == PARTIAL and qc.start - kc.start != qc.local - kc.local:
+                return False
+    return True
 
 
 @lru_cache(maxsize=64)
 def _calls_and_rows(mask, lay: ShardLayout, r: int, s: int, tile: int):
+    if r == s and _local_causal(mask, lay, r):
+        # q_start = kv_start = 0: the mask's predicate on shard positions is this block's visibility
+        return (Call((0, lay.local_len), (0, lay.local_len), 0, 0, True),), (0, lay.local_len)
     calls = _pair_calls(mask, lay, r, s, tile)
     if not calls:
         return (), None
