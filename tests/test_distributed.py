@@ -111,16 +111,16 @@ class TinyLlama(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def _rel_all(pairs, dist):
+def _rel_all(pairs, dist, group=None):
     """Global ‖out − ref‖ / ‖ref‖ per name from per-rank shards: pairs = {name: (out, ref)}."""
     names = sorted(pairs)
     sums = torch.tensor([[(pairs[n][0].double() - pairs[n][1].double()).pow(2).sum().item(),
                           pairs[n][1].double().pow(2).sum().item()] for n in names], dtype=torch.float64)
-    dist.all_reduce(sums)
+    dist.all_reduce(sums, group=group)
     return {n: math.sqrt(d) / max(math.sqrt(r), 1e-30) for n, (d, r) in zip(names, sums.tolist())}
 
 
-def _attention_case(mask, layout, shape, seed, dist, D_):
+def _attention_case(mask, layout, shape, seed, dist, D_, group=None):
     B, Hq, Hkv, D, Dv, dtype = shape
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, h, L, d, generator=g, dtype=torch.float64) for h, d in ((Hq, D), (Hkv, D), (Hkv, Dv)))
@@ -128,13 +128,13 @@ def _attention_case(mask, layout, shape, seed, dist, D_):
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = D_.naive.reference_attention(*leaves, mask=mask)
     ref.backward(dout)
-    xs = [D_.shard(t, 2, layout).to(dtype).requires_grad_() for t in (q, k, v)]
-    out = D_.ring_attention(*xs, mask=mask, layout=layout)
-    out.backward(D_.shard(dout, 2, layout).to(dtype))
-    pairs = {"out": (out, D_.shard(ref.detach(), 2, layout))}
+    xs = [D_.shard(t, 2, layout, group).to(dtype).requires_grad_() for t in (q, k, v)]
+    out = D_.ring_attention(*xs, mask=mask, layout=layout, group=group)
+    out.backward(D_.shard(dout, 2, layout, group).to(dtype))
+    pairs = {"out": (out, D_.shard(ref.detach(), 2, layout, group))}
     for name, x, leaf in zip(("dq", "dk", "dv"), xs, leaves):
-        pairs[name] = (x.grad, D_.shard(leaf.grad, 2, layout))
-    errs = _rel_all(pairs, dist)
+        pairs[name] = (x.grad, D_.shard(leaf.grad, 2, layout, group))
+    errs = _rel_all(pairs, dist, group)
     errs["dtype_ok"] = float(out.dtype == dtype and all(x.grad.dtype == dtype for x in xs))
     return errs
 
@@ -206,12 +206,20 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
 
     schedule.TILE_ROWS = 4  # tiny shapes: still cut partial window / block-diagonal pairs into tiles
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
-    report = {"attention": {}, "traffic": {}, "model": {}, "naive": {}, "errors": []}
+    report = {"attention": {}, "traffic": {}, "model": {}, "naive": {}, "subgroups": {}, "errors": []}
     try:
         cases = [(m, lay, sn, shape) for m in MASKS for lay in LAYOUTS for sn, shape in SHAPES.items()] + EXTRA
         for i, (mname, lay, sname, shape) in enumerate(cases):
             report["attention"][f"W{world}-{lay}-{mname}-{sname}"] = _attention_case(MASKS[mname], lay, shape, i,
                                                                                       dist, D_)
+        if world == 4:  # two groups of 2 ranks, each with its own sequence: group= and group ranks
+            groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+            for lay in LAYOUTS:
+                errs = _attention_case(ir.Causal(0), lay, SHAPES["B2-H4-Hkv2-D8"], 100 + rank // 2, dist, D_,
+                                       group=groups[rank // 2])
+                per_group = [None] * world
+                dist.all_gather_object(per_group, errs)
+                report["subgroups"][lay] = per_group
         for lay in LAYOUTS:
             report["naive"][lay] = _naive_case(lay, dist, D_)
             report["model"][lay] = _model_case(lay, dist, D_)
@@ -283,6 +291,14 @@ def test_llama_context_parallel_matches_unsharded(report, world, layout):
     r = report(world)["model"][layout]
     assert r["logits"] <= TOL, r
     assert r["grad_max"] <= TOL, r
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_subgroups(report, layout):
+    """Four ranks as two groups of two, each running its own sequence (group ranks != global ranks)."""
+    for errs in report(4)["subgroups"][layout]:
+        assert errs.pop("dtype_ok") == 1.0
+        assert max(errs.values()) <= TOL, errs
 
 
 def test_window_exchanges_only_with_neighbours(report):

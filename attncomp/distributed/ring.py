@@ -1,7 +1,7 @@
 """Ring attention over ``torch.distributed``: each rank holds a shard of the sequence, key/value blocks
 travel point to point, partial results merge by log-sum-exp.
 
-Forward, on every rank, for the steps of its :class:`~.schedule.Schedule` (same order everywhere):
+Forward, on every rank, for each shift of its :class:`~.schedule.Schedule` (same order everywhere):
 post the next step's send/receive, compute the current step's block calls on the rows that arrived
 (``attncomp::dense_fwd`` per call: no mask for a full pair, a causal offset and/or an additive bias
 for a partial one), merge each ``(out, lse)`` into float32 accumulators, wait. Backward, explicitly
@@ -250,9 +250,18 @@ def _block_bwd(dout, q, k, v, bias, out, lse, scale, offset):
 # ---------------------------------------------------------------------------------------------
 
 
-def _post_kv(sched: Schedule, i: int, k: Tensor, v: Tensor, group, phase: str) -> _Exchange | None:
-    st = sched.steps[i]
-    if st.shift == 0:
+def _by_shift(sched: Schedule) -> list:
+    """The schedule's steps indexed by shift (None where this rank has nothing to do). The loops below
+    run over every shift, so a step's messages are posted at the same position on every rank — NCCL
+    matches a pair's messages in the order they are posted."""
+    steps = [None] * sched.layout.world
+    for st in sched.steps:
+        steps[st.shift] = st
+    return steps
+
+
+def _post_kv(sched: Schedule, st, k: Tensor, v: Tensor, group, phase: str) -> _Exchange | None:
+    if st is None or st.shift == 0:
         return None
     send = None if st.send_to is None else (st.send_to, _pack(k, v, st.send_rows))
     recv = None if st.recv_from is None else (st.recv_from, _buffer(k, v, st.recv_rows, k.dtype))
@@ -274,11 +283,16 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, sched: Schedule, scale: float,
     inputs), ``-inf`` where a query sees no key (its out is 0)."""
     acc = acc_dtype(q.dtype)
     out_acc, lse_acc = empty_partial((*q.shape[:-1], v.shape[-1]), acc, q.device)
-    steps, cache = sched.steps, {}
-    pending = [_post_kv(sched, 0, k, v, group, "fwd") if steps else None]
-    for i, st in enumerate(steps):
-        pending.append(_post_kv(sched, i + 1, k, v, group, "fwd") if i + 1 < len(steps) else None)
-        kb, vb = _step_kv(pending[i], st, k, v)
+    steps, cache = _by_shift(sched), {}
+    W = len(steps)
+    pending: list[_Exchange | None] = [None] * (W + 1)
+    for t in range(W):
+        if t + 1 < W:  # post the next exchange, compute this step, then wait
+            pending[t + 1] = _post_kv(sched, steps[t + 1], k, v, group, "fwd")
+        st = steps[t]
+        if st is None:
+            continue
+        kb, vb = _step_kv(pending[t], st, k, v)
         for c in st.calls:
             bias, off = block_mask(sched.mask, c, q.dtype, q.device, cache)
             (a, b), (ka, kb_) = c.q, c.kv
@@ -286,9 +300,9 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, sched: Schedule, scale: float,
             o, lse = torch.ops.attncomp.dense_fwd(q[:, :, a:b], kb[:, :, ka:kb_], vb[:, :, ka:kb_], bias, scale, off,
                                                   0.0)
             merge_into(out_acc, lse_acc, c.q, o, lse)
-        if pending[i] is not None:
-            pending[i].wait_send()
-        pending[i] = None
+        if pending[t] is not None:
+            pending[t].wait_send()
+            pending[t] = None
     return out_acc.to(q.dtype), lse_acc
 
 
@@ -300,16 +314,20 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     value rows travel as in the forward; their gradients (float32, or float64) go back to the owner
     in the same step and are summed there."""
     acc = acc_dtype(q.dtype)
-    W = sched.layout.world
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk, dv = torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device)
     dout = dout.to(q.dtype)
-    steps, cache = sched.steps, {}
-    pending = [_post_kv(sched, 0, k, v, group, "bwd") if steps else None]
-    grads_in: list[tuple[_Exchange, tuple[int, int]]] = []
-    for i, st in enumerate(steps):
-        pending.append(_post_kv(sched, i + 1, k, v, group, "bwd") if i + 1 < len(steps) else None)
-        kb, vb = _step_kv(pending[i], st, k, v)
+    steps, cache = _by_shift(sched), {}
+    W = len(steps)
+    pending: list[_Exchange | None] = [None] * (W + 1)
+    grads_in: list[tuple[_Exchange, tuple[int, int]]] = []  # gradients of our rows coming back
+    for t in range(W):
+        if t + 1 < W:
+            pending[t + 1] = _post_kv(sched, steps[t + 1], k, v, group, "bwd")
+        st = steps[t]
+        if st is None:
+            continue
+        kb, vb = _step_kv(pending[t], st, k, v)
         if st.shift == 0:
             gk, gv = dk, dv
         else:
@@ -324,18 +342,22 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
             dq[:, :, a:b] += cq
             gk[:, :, ka:kb_] += ck
             gv[:, :, ka:kb_] += cv
-        if st.shift:
-            send = None if st.recv_from is None else (st.recv_from, _pack(gk, gv, (0, gk.shape[2])))
-            recv = None if st.send_to is None else (st.send_to, _buffer(k, v, st.send_rows, acc))
-            ex = _Exchange(group, sched.rank, "bwd", "dkv", st.shift, W + st.shift).post(send, recv)
-            if pending[i] is not None:
-                pending[i].wait_send()
-            pending[i] = None
-            for prev, rows in grads_in:
-                _add_grads(prev, rows, dk, dv)
-            grads_in = [(ex, st.send_rows)] if recv is not None else []
-            if recv is None:
-                ex.wait_send()
+        if st.shift == 0:
+            continue
+        # the gradients of the rows we received go back to their owner; ours come from whom we sent to
+        send = None if st.recv_from is None else (st.recv_from, _pack(gk, gv, (0, gk.shape[2])))
+        recv = None if st.send_to is None else (st.send_to, _buffer(k, v, st.send_rows, acc))
+        ex = _Exchange(group, sched.rank, "bwd", "dkv", st.shift, W + st.shift).post(send, recv)
+        if pending[t] is not None:
+            pending[t].wait_send()
+            pending[t] = None
+        for prev, rows in grads_in:  # the previous step's, received while this one computed
+            _add_grads(prev, rows, dk, dv)
+        grads_in = []
+        if recv is not None:
+            grads_in.append((ex, st.send_rows))
+        else:
+            ex.wait_send()
     for prev, rows in grads_in:
         _add_grads(prev, rows, dk, dv)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
