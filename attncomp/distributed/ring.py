@@ -10,141 +10,25 @@ again; each call runs ``attncomp::dense_bwd`` with the *merged* ``out`` and ``ls
 ``lse`` the block gradients add up exactly (the FlashAttention backward identity) — ``dq`` stays
 here, and ``dk`` / ``dv`` for a peer's rows go back to that peer in the same step, to be summed there.
 
-Communication: ``dist.isend`` / ``dist.irecv`` (gloo on CPU, NCCL on GPUs — same code, device
-tensors; the NCCL path is written but not measured). Tags: ``shift`` for key/value rows, ``W + shift``
-for their gradients. When a rank sends to and receives from the same peer in one step, the lower rank
-sends first (NCCL matches a pair's operations in order).
+Communication (:mod:`.comm`): ``dist.isend`` / ``dist.irecv`` — gloo on CPU, NCCL on GPUs, the same
+code on device tensors (the NCCL path is written but not measured).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 import attncomp.runtime  # noqa: F401  (registers torch.ops.attncomp.dense_fwd / dense_bwd)
 from attncomp import ir
 
 from . import schedule as sched_mod
-from .layout import check_layout_name, global_rank, group_info, make_layout
+from .comm import Exchange, note_call, pack, recv_buffer, unpack
+from .layout import check_layout_name, group_info, make_layout
 from .merge import acc_dtype, empty_partial, merge_into
 from .schedule import Call, Schedule
-
-# ---------------------------------------------------------------------------------------------
-# Traffic accounting (tests and benchmarks): bytes sent and block calls, per phase.
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Traffic:
-    """What this rank sent and computed inside a :func:`traffic` block. ``sent``: one record per
-    message, ``(phase, kind, shift, peer, bytes)`` with phase ``"fwd"`` / ``"bwd"`` and kind ``"kv"`` /
-    ``"dkv"``; ``calls``: ``(phase, shift, rows, cols, masked)`` per block call."""
-
-    sent: list = field(default_factory=list)
-    calls: list = field(default_factory=list)
-
-    def bytes_sent(self, phase: str | None = None) -> int:
-        return sum(b for p, _, _, _, b in self.sent if phase in (None, p))
-
-    def peers(self, phase: str | None = None) -> set[int]:
-        return {peer for p, _, _, peer, _ in self.sent if phase in (None, p)}
-
-    def score_elements(self, phase: str | None = None) -> int:
-        return sum(m * n for p, _, m, n, _ in self.calls if phase in (None, p))
-
-
-_TRAFFIC: list[Traffic] = []
-
-
-@contextlib.contextmanager
-def traffic():
-    """Record this rank's ring messages and block calls: ``with traffic() as t: ...; t.bytes_sent()``."""
-    t = Traffic()
-    _TRAFFIC.append(t)
-    try:
-        yield t
-    finally:
-        _TRAFFIC.remove(t)
-
-
-def _note_send(phase, kind, shift, peer, nbytes):
-    for t in _TRAFFIC:
-        t.sent.append((phase, kind, shift, peer, nbytes))
-
-
-def _note_call(phase, shift, m, n, masked):
-    for t in _TRAFFIC:
-        t.calls.append((phase, shift, m, n, masked))
-
-
-# ---------------------------------------------------------------------------------------------
-# Point-to-point exchange
-# ---------------------------------------------------------------------------------------------
-
-
-class _Exchange:
-    """The sends and receives this rank posts in one step (a send and/or a receive)."""
-
-    def __init__(self, group, rank: int, phase: str, kind: str, shift: int, tag: int):
-        self.group, self.rank, self.phase, self.kind, self.shift, self.tag = group, rank, phase, kind, shift, tag
-        self.send_work = self.recv_work = None
-        self.send_buf = self.recv_buf = None
-
-    def post(self, send: tuple[int, Tensor] | None, recv: tuple[int, Tensor] | None) -> _Exchange:
-        ops = []
-        if send is not None:
-            ops.append(("send", *send))
-        if recv is not None:
-            ops.append(("recv", *recv))
-        if len(ops) == 2 and send[0] == recv[0] and self.rank > send[0]:
-            ops.reverse()  # same peer both ways: the lower rank sends first
-        for op, peer, buf in ops:
-            g = global_rank(self.group, peer)
-            if op == "send":
-                self.send_buf = buf
-                self.send_work = dist.isend(buf, g, group=self.group, tag=self.tag)
-                _note_send(self.phase, self.kind, self.shift, peer, buf.numel() * buf.element_size())
-            else:
-                self.recv_buf = buf
-                self.recv_work = dist.irecv(buf, g, group=self.group, tag=self.tag)
-        return self
-
-    def wait_recv(self) -> Tensor | None:
-        if self.recv_work is not None:
-            self.recv_work.wait()
-            self.recv_work = None
-        return self.recv_buf
-
-    def wait_send(self) -> None:
-        if self.send_work is not None:
-            self.send_work.wait()
-            self.send_work = None
-        self.send_buf = None
-
-
-def _pack(k: Tensor, v: Tensor, rows: tuple[int, int], dtype=None) -> Tensor:
-    """k ``(B, H, L, D)`` and v ``(B, H, L, Dv)`` rows ``[a, b)`` as one flat contiguous buffer."""
-    a, b = rows
-    parts = [k[:, :, a:b].reshape(-1), v[:, :, a:b].reshape(-1)]
-    return torch.cat(parts if dtype is None else [p.to(dtype) for p in parts])
-
-
-def _unpack(buf: Tensor, k: Tensor, v: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """Views ``(B, H, n, D)`` / ``(B, H, n, Dv)`` of a buffer made by :func:`_pack` (shapes from k, v)."""
-    B, H, _, D = k.shape
-    Dv = v.shape[-1]
-    return buf[:B * H * n * D].view(B, H, n, D), buf[B * H * n * D:].view(B, H, n, Dv)
-
-
-def _buffer(k: Tensor, v: Tensor, rows: tuple[int, int], dtype) -> Tensor:
-    B, H, _, D = k.shape
-    return torch.empty(B * H * (rows[1] - rows[0]) * (D + v.shape[-1]), dtype=dtype, device=k.device)
-
 
 # ---------------------------------------------------------------------------------------------
 # Block masks
@@ -260,21 +144,21 @@ def _by_shift(sched: Schedule) -> list:
     return steps
 
 
-def _post_kv(sched: Schedule, st, k: Tensor, v: Tensor, group, phase: str) -> _Exchange | None:
+def _post_kv(sched: Schedule, st, k: Tensor, v: Tensor, group, phase: str) -> Exchange | None:
     if st is None or st.shift == 0:
         return None
-    send = None if st.send_to is None else (st.send_to, _pack(k, v, st.send_rows))
-    recv = None if st.recv_from is None else (st.recv_from, _buffer(k, v, st.recv_rows, k.dtype))
-    return _Exchange(group, sched.rank, phase, "kv", st.shift, st.shift).post(send, recv)
+    send = None if st.send_to is None else (st.send_to, pack(k, v, st.send_rows))
+    recv = None if st.recv_from is None else (st.recv_from, recv_buffer(k, v, st.recv_rows, k.dtype))
+    return Exchange(group, sched.rank, phase, "kv", st.shift, st.shift).post(send, recv)
 
 
-def _step_kv(ex: _Exchange | None, st, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def _step_kv(ex: Exchange | None, st, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     if st.shift == 0:
         return k, v
     buf = ex.wait_recv()
     if buf is None:
         return k[:, :, :0], v[:, :, :0]
-    return _unpack(buf, k, v, st.recv_rows[1] - st.recv_rows[0])
+    return unpack(buf, k, v, st.recv_rows[1] - st.recv_rows[0])
 
 
 def ring_forward(q: Tensor, k: Tensor, v: Tensor, sched: Schedule, scale: float, group) -> tuple[Tensor, Tensor]:
@@ -285,7 +169,7 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, sched: Schedule, scale: float,
     out_acc, lse_acc = empty_partial((*q.shape[:-1], v.shape[-1]), acc, q.device)
     steps, cache = _by_shift(sched), {}
     W = len(steps)
-    pending: list[_Exchange | None] = [None] * (W + 1)
+    pending: list[Exchange | None] = [None] * (W + 1)
     for t in range(W):
         if t + 1 < W:  # post the next exchange, compute this step, then wait
             pending[t + 1] = _post_kv(sched, steps[t + 1], k, v, group, "fwd")
@@ -296,7 +180,7 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, sched: Schedule, scale: float,
         for c in st.calls:
             bias, off = block_mask(sched.mask, c, q.dtype, q.device, cache)
             (a, b), (ka, kb_) = c.q, c.kv
-            _note_call("fwd", st.shift, b - a, kb_ - ka, c.masked)
+            note_call("fwd", st.shift, b - a, kb_ - ka, c.masked)
             o, lse = torch.ops.attncomp.dense_fwd(q[:, :, a:b], kb[:, :, ka:kb_], vb[:, :, ka:kb_], bias, scale, off,
                                                   0.0)
             merge_into(out_acc, lse_acc, c.q, o, lse)
@@ -319,8 +203,8 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     dout = dout.to(q.dtype)
     steps, cache = _by_shift(sched), {}
     W = len(steps)
-    pending: list[_Exchange | None] = [None] * (W + 1)
-    grads_in: list[tuple[_Exchange, tuple[int, int]]] = []  # gradients of our rows coming back
+    pending: list[Exchange | None] = [None] * (W + 1)
+    grads_in: list[tuple[Exchange, tuple[int, int]]] = []  # gradients of our rows coming back
     for t in range(W):
         if t + 1 < W:
             pending[t + 1] = _post_kv(sched, steps[t + 1], k, v, group, "bwd")
@@ -336,7 +220,7 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
         for c in st.calls:
             bias, off = block_mask(sched.mask, c, q.dtype, q.device, cache)
             (a, b), (ka, kb_) = c.q, c.kv
-            _note_call("bwd", st.shift, b - a, kb_ - ka, c.masked)
+            note_call("bwd", st.shift, b - a, kb_ - ka, c.masked)
             cq, ck, cv = _block_bwd(dout[:, :, a:b], q[:, :, a:b], kb[:, :, ka:kb_], vb[:, :, ka:kb_], bias,
                                     out[:, :, a:b], lse[:, :, a:b], scale, off)
             dq[:, :, a:b] += cq
@@ -345,9 +229,9 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
         if st.shift == 0:
             continue
         # the gradients of the rows we received go back to their owner; ours come from whom we sent to
-        send = None if st.recv_from is None else (st.recv_from, _pack(gk, gv, (0, gk.shape[2])))
-        recv = None if st.send_to is None else (st.send_to, _buffer(k, v, st.send_rows, acc))
-        ex = _Exchange(group, sched.rank, "bwd", "dkv", st.shift, W + st.shift).post(send, recv)
+        send = None if st.recv_from is None else (st.recv_from, pack(gk, gv, (0, gk.shape[2])))
+        recv = None if st.send_to is None else (st.send_to, recv_buffer(k, v, st.send_rows, acc))
+        ex = Exchange(group, sched.rank, "bwd", "dkv", st.shift, W + st.shift).post(send, recv)
         if pending[t] is not None:
             pending[t].wait_send()
             pending[t] = None
@@ -363,11 +247,11 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _add_grads(ex: _Exchange, rows: tuple[int, int], dk: Tensor, dv: Tensor) -> None:
+def _add_grads(ex: Exchange, rows: tuple[int, int], dk: Tensor, dv: Tensor) -> None:
     buf = ex.wait_recv()
     ex.wait_send()
     a, b = rows
-    gk, gv = _unpack(buf, dk, dv, b - a)
+    gk, gv = unpack(buf, dk, dv, b - a)
     dk[:, :, a:b] += gk
     dv[:, :, a:b] += gv
 

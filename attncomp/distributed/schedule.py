@@ -12,8 +12,9 @@ mask; partial ones with the mask (built by :mod:`.ring` as a causal offset and/o
 Exchange: in step ``d = 1 … W−1`` rank ``r`` receives from ``(r − d) mod W`` and sends to
 ``(r + d) mod W`` — but only when the receiver's queries see some of the sender's keys, and then only
 the rows of the sender's shard that are seen (a window needs only the band's edge of its neighbour).
-Steps in which a rank neither sends, receives nor computes are dropped from its schedule; the same
-steps are kept in the same order on every rank that takes part, in the forward and the backward.
+Steps in which a rank neither sends, receives nor computes are left out of its schedule; the ring
+still runs over every shift in order, so each message is posted at the same position on both its
+ends, in the forward and in the backward.
 """
 
 from __future__ import annotations
