@@ -26,7 +26,8 @@ __version__ = "0.1.0"
 # short names for the modules the README documents (each strategy's op lives in its own folder)
 LAZY_SUBMODULES = {"ops": "ops", "ir": "ir", "linear": "strategies.linear.op", "tensor": "strategies.tensor.op",
                    "tensor_lowrank": "strategies.tensor.lowrank", "routing": "strategies.sparse.routing",
-                   "sparse": "strategies.sparse.op", "blocks": "masks.blocks", "autotune": "runtime.autotune"}
+                   "sparse": "strategies.sparse.op", "blocks": "masks.blocks", "autotune": "runtime.autotune",
+                   "distributed": "distributed"}
 
 
 def __getattr__(name: str):

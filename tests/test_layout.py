@@ -16,7 +16,8 @@ ALLOWED = {
     "frontend": {"ir", "masks"},
     "strategies": {"ir", "masks", "runtime", "templates", "frontend"},
     "passes": {"ir", "masks", "runtime", "strategies"},
-    "top": {"ir", "masks", "runtime", "templates", "frontend", "strategies", "passes"},
+    "distributed": {"ir", "masks", "runtime", "strategies"},
+    "top": {"ir", "masks", "runtime", "templates", "frontend", "strategies", "passes", "distributed"},
 }
 # imports inside functions, on purpose: optional or heavy dependencies loaded on first use
 LAZY = {
