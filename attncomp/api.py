@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from attncomp.backend import AttncompBackend
+from attncomp.distributed import ContextParallel
 from attncomp.frontend import capture as C
 from attncomp.frontend.modcapture import ModuleCapture
 from attncomp.frontend.rules import ROOT_LABEL, label_module_paths
@@ -27,17 +28,17 @@ class OptimizedModel(nn.Module):
     original model's keys.
     """
 
-    def __init__(self, model: nn.Module, strategy, capture: str, verify: bool = True):
+    def __init__(self, model: nn.Module, strategy, capture: str, verify: bool = True, context_parallel=None):
         super().__init__()
         self.model = C.clone_structure(model)
         self.capture = capture
-        self.verify = verify
-        self.backend = AttncompBackend(strategy, verify=verify)
+        self.verify, self.context_parallel = verify, context_parallel
+        self.backend = AttncompBackend(strategy, verify=verify, context_parallel=context_parallel)
         self.backend.root = self.model  # Dynamo compiles self.model: its names are the model's
         self.graph_breaks = 0
         self._fx_records: list[SiteRecord] = []
         self._runner = None
-        make = lambda: AttncompBackend(self.backend.strategy, verify=verify)  # noqa: E731
+        make = lambda: AttncompBackend(self.backend.strategy, verify=verify, context_parallel=context_parallel)  # noqa: E731
         self._modcap = (ModuleCapture(self.model, self.backend.strategy, make, for_site) if capture == "modules"
                         else None)
 
@@ -54,7 +55,8 @@ class OptimizedModel(nn.Module):
         else:
             gm = C.capture_export(self.model, args)
         label_module_paths(gm, self.model)
-        rewrite(gm, self.backend.strategy, self._fx_records, verify=self.verify)
+        rewrite(gm, self.backend.strategy, self._fx_records, verify=self.verify,
+                context_parallel=self.backend.context_parallel)
         object.__setattr__(self, "_runner", gm)
         self.graph_module = gm
 
@@ -70,6 +72,11 @@ class OptimizedModel(nn.Module):
         before = C.graph_break_count()
         try:
             out = run(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            inner = getattr(e, "inner_exception", None)
+            if isinstance(inner, ValueError) and str(inner).startswith("attncomp:"):
+                raise inner from None  # attncomp's own refusal (context parallelism): the plain error
+            raise
         except torch._dynamo.exc.TorchRuntimeError:
             # Dynamo failed while running the model on fake tensors: almost always inputs the model
             # cannot take (a wrong shape or dtype). Nothing real has run yet; run the model itself so
@@ -98,7 +105,7 @@ class OptimizedModel(nn.Module):
         # is of the model as written, and captures on its own first call
         with self._modcap.eager():
             model = copy.deepcopy(self.model, memo)
-        twin = OptimizedModel(model, self.backend.strategy, self.capture, self.verify)
+        twin = OptimizedModel(model, self.backend.strategy, self.capture, self.verify, self.context_parallel)
         memo[id(self)] = twin
         twin.training = self.training  # the copied modules keep their own flags
         return twin
@@ -125,7 +132,8 @@ class OptimizedModel(nn.Module):
 
 
 def optimize(model: nn.Module, strategy="auto", example_inputs=None, capture: str = "dynamo",
-             example_kwargs: dict | None = None, tolerance: float | None = None, verify: bool = True) -> OptimizedModel:
+             example_kwargs: dict | None = None, tolerance: float | None = None, verify: bool = True,
+             context_parallel=None) -> OptimizedModel:
     """Return a new module whose attention runs on attncomp kernels; ``model`` is not changed.
 
     Args:
@@ -149,6 +157,12 @@ def optimize(model: nn.Module, strategy="auto", example_inputs=None, capture: st
             the same inputs (default); a site that disagrees beyond its dtype's tolerance runs eagerly
             from then on, with one warning, and ``explain`` shows the measured error. ``False`` skips
             the check (and its one-time cost: one eager evaluation of each site).
+        context_parallel: ``True`` (the default process group), a ``torch.distributed`` process group, or
+            ``attncomp.distributed.ContextParallel(group, layout)``: every replaced site runs as ring
+            attention over the group; each rank calls the model on its shard of the sequence (with
+            global position ids) in ``layout`` (``"contiguous"`` or ``"zigzag"``,
+            :func:`attncomp.distributed.shard`). A site that cannot run as ring attention raises
+            ``ValueError`` naming it.
 
     Parameters and buffers are shared with ``model``, not copied.
     """
@@ -161,7 +175,8 @@ def optimize(model: nn.Module, strategy="auto", example_inputs=None, capture: st
         raise ValueError("capture='export' needs example_inputs")
     if not isinstance(verify, bool):
         raise TypeError(f"verify must be True or False, got {verify!r}")
-    fast = OptimizedModel(model, strategy, capture, verify)
+    ContextParallel.of(context_parallel)  # validates
+    fast = OptimizedModel(model, strategy, capture, verify, context_parallel)
     if example_inputs is not None:
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)

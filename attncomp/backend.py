@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 from torch import fx, nn
 
+from attncomp.distributed import ContextParallel
 from attncomp.frontend.rules import label_module_paths
 from attncomp.rewrite import SiteRecord, rewrite
 from attncomp.strategies import parse
@@ -76,7 +77,8 @@ class AttncompBackend:
     """A Dynamo backend bound to a strategy and an inner compiler; keeps every site decision for
     ``explain`` (``records``) and counts the graphs it compiled (``graphs``)."""
 
-    def __init__(self, strategy="auto", inner="eager", inner_options: dict | None = None, verify: bool = True):
+    def __init__(self, strategy="auto", inner="eager", inner_options: dict | None = None, verify: bool = True,
+                 context_parallel=None):
         self.strategy = parse(strategy)
         self.inner = inner
         self.inner_options = dict(inner_options or {})
@@ -88,6 +90,7 @@ class AttncompBackend:
         self.checked_masks = inner == "eager"
         # first-call verification needs the sites to run as captured too (a compiler traces them once)
         self.verify = verify and inner == "eager"
+        self.context_parallel = ContextParallel.of(context_parallel)
         self.graphs = 0
         self.records: dict[tuple, SiteRecord] = {}
         # The module Dynamo compiles (set by attncomp.optimize): site paths are resolved against it,
@@ -100,7 +103,8 @@ class AttncompBackend:
         if self.root is not None:
             label_module_paths(gm, self.root)
         recs: list[SiteRecord] = []
-        rewrite(gm, self.strategy, recs, checked_masks=self.checked_masks, verify=self.verify)
+        rewrite(gm, self.strategy, recs, checked_masks=self.checked_masks, verify=self.verify,
+                context_parallel=self.context_parallel)
         self.graphs += 1
         STATS["graphs"] += 1
         for i, r in enumerate(recs):

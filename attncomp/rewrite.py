@@ -12,13 +12,14 @@ from types import SimpleNamespace
 
 from torch import fx
 
+from attncomp.distributed import RING_MASKS, ContextParallel
 from attncomp.frontend.analyze import analyze, check_program, mask_of, recognise_masks
 from attncomp.frontend.mha import match_mha, mha_spec
 from attncomp.frontend.roles import prove as prove_roles
 from attncomp.frontend.rules import COUNTERS, Miss, Site, find_sites, module_path
 from attncomp.ir import Causal, Full, Plan, mask_and
 from attncomp.ir import ops_table as T
-from attncomp.ir.program import map_operands
+from attncomp.ir.program import AddBias, MaskFill, map_operands
 from attncomp.passes import plan_site
 from attncomp.runtime.site import extract_region
 from attncomp.strategies import for_site
@@ -89,12 +90,14 @@ def _erase_region(gm: fx.GraphModule, site: Site) -> None:
 
 
 def rewrite(gm: fx.GraphModule, parsed_strategy, records: list, checked_masks: bool = False,
-            verify: bool = True) -> fx.GraphModule:
+            verify: bool = True, context_parallel: ContextParallel | None = None) -> fx.GraphModule:
     """Rewrite ``gm`` in place and return it. ``checked_masks``: the graph runs as captured (not
     inside another compiler), so kernels may check per call a mask proved at the example shape of a
     graph with symbolic sizes (see :func:`attncomp.analyze.recognise_masks`). ``verify``: each
     replaced site compares its first fused call with its own eager nodes
-    (:class:`attncomp.sitemodule.SiteModule`)."""
+    (:class:`attncomp.sitemodule.SiteModule`). ``context_parallel``: every replaced site runs as ring
+    attention over its process group; a site that cannot raises ``ValueError`` (run locally it would
+    attend within this rank's shard only: silently wrong)."""
     found = find_sites(gm)
     memo: dict = {}  # mask proofs by node: one mask is usually read by every layer
     moved: dict = {}  # output node of a replaced site -> its kernel call (a later site may read it)
@@ -103,6 +106,9 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list, checked_masks: b
             records.append(SiteRecord(site.module_path, site.rule, "left", site.reason))
             continue
         if not isinstance(site, Site):  # linear / tensor attention: lowered whole to their op
+            if context_parallel is not None:
+                raise ValueError(f"attncomp: site {site.module_path or '<model>'} ({site.rule}) cannot run "
+                                 "context-parallel: only softmax attention runs as ring attention")
             _rewrite_lowered(gm, site, i, parsed_strategy, records, moved, verify)
             continue
         requested = for_site(parsed_strategy, site.module_path)
@@ -141,12 +147,14 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list, checked_masks: b
                                  site.sdpa, site.kv_groups, site.module_path, softmax_dtype,
                                  site.v.out_views, masks=masks,
                                  approx=requested if plan.spec.contract == "approx" else None)
+        if context_parallel is not None:
+            plan = _ring(kernel, plan, steps, masks, site, context_parallel)
         proved = {u.src: (j, u.src_op) for j, u in enumerate(uses) if u.src is not None}
         _insert_call(gm, site, kernel, (site.q.node, site.k.node, site.v.node, *terms), f"attncomp_site_{i}", moved,
-                     verify, proved)
+                     verify and context_parallel is None, proved)
         records.append(SiteRecord(site.module_path, site.rule, "replaced", "; ".join(plan.reasons),
                                   spec, plan, kernel, roles))
-    _rewrite_mha(gm, parsed_strategy, records, moved, verify)
+    _rewrite_mha(gm, parsed_strategy, records, moved, verify, context_parallel)
     if any(r.kernel is not None and getattr(r.kernel, "masks", ()) for r in records):
         gm.graph.eliminate_dead_code()  # mask subgraphs no site reads any more
     gm.graph.lint()
@@ -171,6 +179,26 @@ def _eager_inputs(gm: fx.GraphModule, site, kernel, inputs: tuple, verify: bool,
             where.append(("arg", len(args) - 1))
     kernel.attach_eager(eager, tuple(where), len(inputs), verify)
     return tuple(args)
+
+
+def _ring(kernel, plan: Plan, steps, masks, site, cp: ContextParallel) -> Plan:
+    """Make ``kernel`` run its site as ring attention (context parallelism), or raise why it cannot."""
+    why = None
+    if any(m.keep_term is not None for m in masks) or any(isinstance(s, (AddBias, MaskFill)) for s in steps):
+        why = "its scores carry a bias or a run-time mask"
+    elif not all(isinstance(m.static, RING_MASKS) for m in masks) or len(masks) > 1:
+        why = f"its mask {plan.spec.mask} is not one ring attention takes (none, causal, window, block-diagonal)"
+    elif site.dropout[0] > 0:
+        why = "it has attention dropout"
+    elif plan.spec.contract == "approx":
+        why = "an approximate strategy was requested for it"
+    if why:
+        raise ValueError(f"attncomp: site {site.module_path or '<model>'} cannot run context-parallel: {why}; "
+                         "run locally it would attend within this rank's shard only")
+    kernel.ring = cp.run
+    kernel.plan = plan.with_(reasons=plan.reasons + (f"context parallel: ring attention ({cp.layout} layout; not "
+                                                     "verified on the first call, whose eager form is local)",))
+    return kernel.plan
 
 
 def _insert_call(gm: fx.GraphModule, site, kernel, inputs: tuple, prefix: str, moved: dict, verify: bool = True,
@@ -207,7 +235,8 @@ def _rewrite_lowered(gm: fx.GraphModule, site, i: int, parsed_strategy, records:
     records.append(SiteRecord(site.module_path, site.rule, "replaced", "; ".join(plan.reasons), spec, plan, kernel))
 
 
-def _rewrite_mha(gm: fx.GraphModule, parsed_strategy, records: list, moved: dict, verify: bool) -> None:
+def _rewrite_mha(gm: fx.GraphModule, parsed_strategy, records: list, moved: dict, verify: bool,
+                 context_parallel: ContextParallel | None = None) -> None:
     """Rule ``multihead_attention`` (``nn.MultiheadAttention`` / ``F.multi_head_attention_forward``)."""
     for i, node in enumerate(list(gm.graph.nodes)):
         if not T.is_op(node, T.MHA, gm):
@@ -225,6 +254,9 @@ def _rewrite_mha(gm: fx.GraphModule, parsed_strategy, records: list, moved: dict
             records.append(SiteRecord(path, "multihead_attention", "left",
                                       "no strategy pattern matches this module", spec))
             continue
+        if context_parallel is not None:
+            raise ValueError(f"attncomp: site {path or '<model>'} (nn.MultiheadAttention) cannot run context-parallel "
+                             "yet: write the attention with F.scaled_dot_product_attention or an explicit softmax")
         plan = plan_site(spec, requested)
         kernel = MHAKernel(plan, path=path, **kw)
         _insert_call(gm, SimpleNamespace(region=[node], output=node), kernel, tuple(args), f"attncomp_mha_{i}",

@@ -194,6 +194,50 @@ def _model_case(layout, dist, D_):
             "grad_max": max(grads.values()), "grad_worst": max(grads, key=grads.get)}
 
 
+def _sdpa_gqa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+class SDPALlama(nn.Module):
+    """TinyLlama whose attention is written as SDPA (what ``optimize`` finds and replaces)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = TinyLlama()
+
+    def forward(self, tokens, pos):
+        return self.inner(tokens, pos, _sdpa_gqa)
+
+
+def _optimized_case(layout, dist, D_):
+    """``attncomp.optimize(model, context_parallel=...)``: the model as written, each rank on its shard."""
+    import attncomp
+
+    torch.manual_seed(0)
+    W, B = dist.get_world_size(), 2
+    model, ref_model = SDPALlama(), SDPALlama().double()
+    ref_model.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(5)
+    tokens, targets = torch.randint(0, 64, (B, L), generator=g), torch.randint(0, 64, (B, L), generator=g)
+    ref_logits = ref_model(tokens, torch.arange(L))
+    F.cross_entropy(ref_logits.reshape(-1, 64), targets.reshape(-1), reduction="sum").div(B * L).backward()
+    fast = attncomp.optimize(model, context_parallel=D_.ContextParallel(layout=layout))
+    pos = D_.shard_positions(L // W, layout)
+    tok, tgt = D_.shard(tokens, 1, layout), D_.shard(targets, 1, layout)
+    logits = fast(tok, pos)
+    F.cross_entropy(logits.reshape(-1, 64), tgt.reshape(-1), reduction="sum").div(B * L).backward()
+    grads = {}
+    for (name, p), (_, rp) in zip(model.named_parameters(), ref_model.named_parameters()):
+        dist.all_reduce(p.grad)
+        grads[name] = (p.grad - rp.grad).norm().item() / rp.grad.norm().item()
+    full = D_.unshard(logits.detach(), 1, layout)
+    rows = attncomp.explain(fast).rows
+    return {"logits": ((full.double() - ref_logits.detach()).norm() / ref_logits.detach().norm()).item(),
+            "grad_max": max(grads.values()), "replaced": sum(r.status == "replaced" for r in rows),
+            "ring": all("context parallel: ring attention" in r.reason for r in rows),
+            "fused": sum(r.kernel.calls["fused"] for r in rows if r.kernel is not None)}
+
+
 def _worker(rank: int, world: int, port: int, path: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -223,6 +267,8 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
         for lay in LAYOUTS:
             report["naive"][lay] = _naive_case(lay, dist, D_)
             report["model"][lay] = _model_case(lay, dist, D_)
+            if world in (2, 3):
+                report.setdefault("optimized", {})[lay] = _optimized_case(lay, dist, D_)
             for mname, mask in (("causal", ir.Causal(0)), ("window(3,0)", ir.Window(3, 0)), ("none", None),
                                 ("block_diagonal(12)", ir.BlockDiagonal(12))):
                 t = _traffic_case(mask, lay, dist, D_)
@@ -291,6 +337,35 @@ def test_llama_context_parallel_matches_unsharded(report, world, layout):
     r = report(world)["model"][layout]
     assert r["logits"] <= TOL, r
     assert r["grad_max"] <= TOL, r
+
+
+@pytest.mark.parametrize("world", (2, 3))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_optimize_context_parallel_matches_unsharded(report, world, layout):
+    """attncomp.optimize(model, context_parallel=...) on the model as written (SDPA, GQA, RoPE with
+    global positions): every site replaced and run as ring attention; logits and all-reduced gradients
+    equal the unsharded float64 model's."""
+    r = report(world)["optimized"][layout]
+    assert r["replaced"] == 2 and r["ring"] and r["fused"] == 2, r
+    assert r["logits"] <= TOL and r["grad_max"] <= TOL, r
+
+
+def test_context_parallel_refuses_what_ring_attention_cannot_run():
+    import attncomp
+    from attncomp.distributed import ContextParallel
+
+    class Biased(nn.Module):
+        def forward(self, q, k, v, bias):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    q = torch.randn(1, 2, 8, 4)
+    fast = attncomp.optimize(Biased(), context_parallel=ContextParallel())
+    with pytest.raises(ValueError, match="cannot run context-parallel: its scores carry a bias"):
+        fast(q, q, q, torch.randn(8, 8))
+    with pytest.raises(TypeError, match="context_parallel must be"):
+        attncomp.optimize(Biased(), context_parallel="world")
+    with pytest.raises(ValueError, match="layout"):
+        ContextParallel(layout="spiral")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

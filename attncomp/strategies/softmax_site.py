@@ -149,6 +149,8 @@ class AttentionKernel(Approximation, SiteModule):
         # an opt-in approximation (attncomp.Linear, or Sparse with topk), its error measured on the first call
         self.approx, self.approx_error, self.approx_rejected = approx, None, False
         self.static = mask_and(*(m.static for m in masks))
+        # context parallelism (set by the rewrite): ring(q, k, v, mask, scale) -> out over the process group
+        self.ring = None
         self.expr = self.static.expr() if masks else None
 
     def extra_repr(self) -> str:
@@ -219,6 +221,9 @@ class AttentionKernel(Approximation, SiteModule):
             add = add[0]
         add4 = None if add is None else _to4d(add)
         causal = 0 if self.sdpa.get("is_causal") else None
+        if self.ring is not None:  # context parallelism: q, k, v are this rank's shard of the sequence
+            mask = Causal(0) if causal == 0 else self.static
+            return self.ring(q4, k4, v4, mask, float(scale)).reshape(*lead, q.shape[-2], v.shape[-1])
         run = strategy_run(self.plan.strategy)
         if run is not None:  # a registered strategy that runs its own op
             keep = self._keep(terms) if self.masks else None
