@@ -260,7 +260,7 @@ def sparse_variants(full: bool):
     (mask, keep, bias, softcap) set and every mask of test_triton_sparse; quick: fp16 D=128, one tile,
     window + keep + bias + softcap."""
     import torch
-    from test_triton_sparse import MASKS, Case, make_inputs
+    from test_sparse_triton import MASKS, Case, make_inputs
 
     from attncomp import ir
     from attncomp.masks import blocks
@@ -409,6 +409,7 @@ def main(argv=None) -> int:
     parser.add_argument("--match", default="", help="only variants whose label contains this")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).parent / "strategies"))
     variants = [(label, thunk) for fam in (args.family or FAMILIES) for label, thunk in VARIANTS[fam](args.full)
                 if args.match in label]
     t0 = time.perf_counter()

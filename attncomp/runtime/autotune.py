@@ -142,7 +142,6 @@ def device_info(device=None) -> dict[str, str]:
     return dict(_device_info(dev.type, dev.index))
 
 
-@cache
 def _canon(d: dict, what: str) -> tuple:
     for k, v in d.items():
         if not isinstance(v, (str, int, float, bool)) or isinstance(v, float) and not math.isfinite(v):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import attncomp.runtime as R
+from attncomp.strategies.dense import op as R
 from conftest import rel_err
 
 

@@ -29,7 +29,7 @@ from attncomp.frontend.rules import Miss, module_path, swaps_last_two
 from attncomp.ir import AttentionSpec, Causal, Dims, Full, LinearForm, Plan, Score
 from attncomp.ir import ops_table as T
 from attncomp.runtime.site import SiteModule
-from attncomp.strategies.linear.op import EPS, linear_attention
+from attncomp.strategies.linear import op as linear_op
 
 aten = torch.ops.aten
 ELU = {F.elu, aten.elu.default} | {("method", "elu")}
@@ -333,10 +333,10 @@ class LinearSiteKernel(SiteModule):
         if three:
             q, k, v = q[None], k[None], v[None]
         f, causal, eps = feature_of(self.form), self.form.causal, self.form.eps
-        if eps == EPS:
-            out = linear_attention(q, k, v, feature_map=f, causal=causal)
+        if eps == linear_op.EPS:
+            out = linear_op.linear_attention(q, k, v, feature_map=f, causal=causal)
         else:  # the op's sums on [v, 1] (last column: the normaliser), divided here by den + eps
-            res = linear_attention(q, k, torch.cat([v, torch.ones_like(v[..., :1])], -1), feature_map=f,
+            res = linear_op.linear_attention(q, k, torch.cat([v, torch.ones_like(v[..., :1])], -1), feature_map=f,
                                    causal=causal, normalize=False)
             out = res[..., :-1] / (res[..., -1:] + eps)
         return out[0] if three else out

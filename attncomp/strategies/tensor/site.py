@@ -28,8 +28,8 @@ from attncomp.ir import ops_table as T
 from attncomp.runtime.approx import Approximation
 from attncomp.runtime.site import SiteModule
 from attncomp.strategies.linear.site import einsum_operands
-from attncomp.strategies.tensor.lowrank import lowrank_tensor_attention
-from attncomp.strategies.tensor.op import tensor_attention
+from attncomp.strategies.tensor import lowrank
+from attncomp.strategies.tensor import op as tensor_op
 
 aten = torch.ops.aten
 RESHAPES = (T.VIEW | {torch.flatten, torch.unflatten, aten.flatten.using_ints, aten.unflatten.int, aten.view_as.default}
@@ -226,7 +226,7 @@ class TensorSiteKernel(Approximation, SiteModule):
     def _exact_or_approx(self, *qkv: Tensor) -> Tensor:
         if self.approx_active():
             return self._lowrank(*qkv)
-        out = tensor_attention(*qkv, scale=self.form.scale)
+        out = tensor_op.tensor_attention(*qkv, scale=self.form.scale)
         if self.approx_pending():
             try:
                 approx = self._lowrank(*qkv)
@@ -240,7 +240,7 @@ class TensorSiteKernel(Approximation, SiteModule):
     def _lowrank(self, *qkv: Tensor) -> Tensor:
         a = self.approx
         kw = {"degree": a.degree} if a.degree is not None else {}
-        return lowrank_tensor_attention(*qkv, scale=self.form.scale, method=a.resolved_method, rank=a.rank,
+        return lowrank.lowrank_tensor_attention(*qkv, scale=self.form.scale, method=a.resolved_method, rank=a.rank,
                                         seed=a.seed, **kw)
 
     def approx_note(self) -> str | None:
