@@ -63,7 +63,8 @@ def _terms_of(site: Site, uses=()) -> tuple[list, list, tuple]:
     if site.sdpa.get("attn_mask") is not None:
         site.sdpa = {**site.sdpa, "attn_mask": ref(site.sdpa["attn_mask"])}
     masks = tuple(KernelMask(u.static, None if u.keep_src is None else ref(u.keep_src)[1], u.keep_fn, u.fill,
-                             None if u.check_src is None else ref(u.check_src)[1], u.check_op)
+                             None if u.check_src is None else ref(u.check_src)[1], u.check_op,
+                             u.src_op or "masked_fill")
                   for u in uses)
     return steps, terms, masks
 

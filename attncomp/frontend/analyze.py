@@ -181,6 +181,16 @@ def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None,
             kept.append(step)
     if not uses:
         return refused[0] if refused else "no mask step in the score program"
+    fills = {u.fill for u in uses}
+    finite = [u for u in uses if u.fill > -math.inf]
+    if len(uses) > 1 and (len(fills) > 1 or len(finite) > 1):
+        # a row that every mask hides gets the eager sums of the fills (-inf + finfo.min, finfo.min +
+        # finfo.min = -inf, ...), which the proved path's rule for such rows does not reproduce
+        return (f"{len(uses)} masks with fills {', '.join(sorted(f'{f:g}' for f in fills))} combine; the masked "
+                "scores' sums are kept exact on the tensor path")
+    why = check([map_operands(step, _meta_of) for step in kept], (Lq, Lk))
+    if why:
+        return f"{why} (once the masks are proved)"
     return kept, uses
 
 

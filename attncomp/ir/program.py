@@ -157,6 +157,7 @@ def fold(program, shape: tuple, device=None) -> tuple:
     or broadcastable to ``shape``; ``keep`` None or bool; ``fill`` a float (None without masks).
     Raises :class:`Unfoldable` with the reason."""
     scale, bias, keep, fill, cur, unknown_fill = 1.0, None, None, None, tuple(shape), False
+    proved = False  # a ProvedMask came before: the kernel applies it to the scores as they are then
     for step in program:
         if isinstance(step, Scale):
             x = _scalar(step.factor)
@@ -165,9 +166,9 @@ def fold(program, shape: tuple, device=None) -> tuple:
             if step.divide:
                 x = x if isinstance(x, Meta) and x.shape is None else 1.0 / x
             tensor = not _is_number(x) and not (isinstance(x, Meta) and x.shape is None)
-            if tensor and (keep is not None or cur != tuple(shape)):
+            if tensor and (keep is not None or proved or cur != tuple(shape)):
                 raise Unfoldable("the scores are scaled by a tensor after a mask or a view")
-            if keep is not None and _is_number(x) and not x > 0:
+            if (keep is not None or proved) and _is_number(x) and not x > 0:
                 raise Unfoldable("the masked scores are scaled by a non-positive constant")
             scale = scale * x
             bias = None if bias is None else bias * x
@@ -176,8 +177,10 @@ def fold(program, shape: tuple, device=None) -> tuple:
             x = step.term
             if x is None:  # an optional mask that is absent at run time
                 continue
-            if keep is not None and not unknown_fill and fill > -BIG:
-                raise Unfoldable(f"a term is added after a mask filled with {fill:g}")
+            if keep is not None and not unknown_fill and fill > -math.inf:
+                # a finite fill replaces the scores; a term added to it (finfo.min + finfo.min = -inf) is
+                # not a shift of the folded form
+                raise Unfoldable(f"a term is added after a mask filled with the finite value {fill:g}")
             if _is_number(x):
                 x = torch.tensor(float(x), device=device) if device is not None else Meta(None, float(x))
             x = x * step.coef if step.coef != 1.0 else x
@@ -204,7 +207,9 @@ def fold(program, shape: tuple, device=None) -> tuple:
             bias = None if bias is None else bias.expand(cur).reshape(new)
             keep = None if keep is None else keep.expand(cur).reshape(new)
             cur = new
-        elif isinstance(step, (Cast, ProvedMask)):
+        elif isinstance(step, ProvedMask):
+            proved = True
+        elif isinstance(step, Cast):
             continue
         else:
             raise Unfoldable(f"score step {step!r}")

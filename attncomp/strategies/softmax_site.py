@@ -46,6 +46,7 @@ class KernelMask:
     fill: float
     check_term: int | None = None
     check_op: str | None = None
+    op: str = "masked_fill"  # the step that applies it in the graph: masked_fill / masked_fill_not / add
 
 
 _CHECKS: list = []  # recent per-call mask checks (weak refs to the tensors), shared by sites reading one mask
@@ -315,7 +316,17 @@ class AttentionKernel(Approximation, SiteModule):
         # (softmax of -inf) or zeros (SDPA)
         empty = torch.isneginf(lse)[..., None]
         if any(m.fill > -math.inf for m in self.masks):
-            mean = v.mean(-2, keepdim=True).repeat_interleave(q.shape[1] // v.shape[1], 1)
+            groups = q.shape[1] // v.shape[1]
+            mean = v.mean(-2, keepdim=True).repeat_interleave(groups, 1)
+            if (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+                    and any(m.op == "add" for m in self.masks) and bool(empty.any())):
+                # an added fill keeps the scores in the graph: eager's gradient reaches q and k through
+                # the uniform softmax of those rows. softmax(s - s.detach()) is that softmax (value: the
+                # mean of v; gradient: eager's). Training only, and only when such a row exists.
+                s = (q @ runtime.repeat_kv(k, groups).transpose(-1, -2)) * scale
+                if bias is not None:
+                    s = s + bias
+                mean = torch.softmax(s - s.detach(), -1) @ runtime.repeat_kv(v, groups)
             out = torch.where(empty, mean.to(out.dtype), out)
         elif self.plan.spec.empty_rows == "nan":
             out = out.masked_fill(empty, math.nan)

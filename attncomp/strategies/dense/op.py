@@ -94,7 +94,9 @@ def _cpu_fwd(q, k, v, bias, scale, causal_offset, softcap):
         return out, lse
     s = math_scores(q, k, bias, scale, causal_offset, softcap)
     lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    # softmax, not exp(s - lse): at finfo.min magnitudes (a row that an additive mask hides) lse's log(n)
+    # rounds away and exp(s - lse) would sum to n
+    p = torch.softmax(s, -1).nan_to_num(0.0)
     out = (p @ repeat_kv(v, groups).to(p.dtype)).to(q.dtype)
     return out, lse.float()
 
@@ -127,8 +129,11 @@ def _cpu_bwd(dout, q, k, v, bias, out, lse, scale, causal_offset, softcap, want_
     B, Hkv = k.shape[:2]
     # float64: the math path, with lse recomputed (the op returns lse in float32, which the fused
     # kernel's float64 backward does not take and which would cost the gradients their precision)
+    # rows whose scores sit at finfo.min magnitudes (an additive mask hides the whole row): the fused
+    # backward's exp(s - lse) loses lse's log(n) there; the math path's softmax keeps it
+    huge = bias is not None and bool(((lse.abs() > 1e30) & torch.isfinite(lse)).any())
     fused = (_cpu_fused_ok(q, softcap, causal_offset) and k.shape[-1] == v.shape[-1] and not want_dbias
-             and q.dtype != torch.float64)
+             and q.dtype != torch.float64 and not huge)
     if fused:
         kk, vv = repeat_kv(k, groups), repeat_kv(v, groups)
         mask = None if bias is None else bias.to(q.dtype).expand(
@@ -145,8 +150,7 @@ def _cpu_bwd(dout, q, k, v, bias, out, lse, scale, causal_offset, softcap, want_
         if softcap:  # recompute capped scores to get dtanh
             raw = (qa @ ka.transpose(-1, -2)) * scale
             s = math_scores(q, k, bias, scale, causal_offset, softcap)
-        lse_acc = torch.logsumexp(s, -1) if acc == torch.float64 else lse.to(acc)
-        p = torch.exp(s - lse_acc[..., None]).nan_to_num(0.0)
+        p = torch.softmax(s, -1).nan_to_num(0.0)  # as the forward (finfo.min rows: see _cpu_fwd)
         do = dout.to(acc)
         dv = p.transpose(-1, -2) @ do
         dp = do @ va.transpose(-1, -2)

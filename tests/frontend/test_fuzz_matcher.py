@@ -808,7 +808,7 @@ def check(module: nn.Module, inputs: tuple, capture: str = "dynamo", grad: bool 
     fast_in = [_leaf(x, grad) for x in inputs]
     with torch.set_grad_enabled(grad):
         ref = module(*ref_in)
-        fast = attncomp.optimize(module, capture=capture)
+        fast = attncomp.optimize(module, capture=capture, verify=False)  # the matcher and kernels themselves
         out = fast(*fast_in)
     rep = attncomp.explain(fast)
     table = str(rep)
