@@ -150,7 +150,10 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list, checked_masks: b
                                  approx=requested if plan.spec.contract == "approx" else None)
         if context_parallel is not None:
             plan = _ring(kernel, plan, steps, masks, site, context_parallel)
-        proved = {u.src: (j, u.src_op) for j, u in enumerate(uses) if u.src is not None}
+        # the eager form gets a proved mask rebuilt from its proof where the kernel's grid is the site's own
+        # (4-D scores); otherwise the graph's mask node stays an input
+        proved = ({u.src: (j, u.src_op) for j, u in enumerate(uses) if u.src is not None} if len(roles.q) == 4
+                  else {})
         _insert_call(gm, site, kernel, (site.q.node, site.k.node, site.v.node, *terms), f"attncomp_site_{i}", moved,
                      verify and context_parallel is None, proved)
         records.append(SiteRecord(site.module_path, site.rule, "replaced", "; ".join(plan.reasons),

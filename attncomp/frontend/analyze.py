@@ -15,7 +15,7 @@ import torch
 from attncomp.frontend.rules import Site
 from attncomp.ir import AttentionSpec, Causal, Dims, Mask, Score, TensorMask, mask_and
 from attncomp.ir import ops_table as T
-from attncomp.ir.program import AddBias, MaskFill, Meta, ProvedMask, Scale, View, check, map_operands
+from attncomp.ir.program import AddBias, MaskFill, Meta, ProvedMask, Scale, View, check, map_operands, operands
 from attncomp.masks.analysis import analyze_mask as _analyze
 
 
@@ -188,6 +188,11 @@ def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None,
         # finfo.min = -inf, ...), which the proved path's rule for such rows does not reproduce
         return (f"{len(uses)} masks with fills {', '.join(sorted(f'{f:g}' for f in fills))} combine; the masked "
                 "scores' sums are kept exact on the tensor path")
+    others = [s for s in kept if isinstance(s, (AddBias, MaskFill)) and isinstance(operands(s)[0], torch.fx.Node)]
+    if finite and others:
+        # a run-time term may hold -inf or finfo.min too: rows the proved finite-fill mask hides would then
+        # get the eager sums, not the proved path's rule for such rows
+        return "a finite-fill mask is combined with a run-time term that may mask too; both kept as tensors"
     why = check([map_operands(step, _meta_of) for step in kept], (Lq, Lk))
     if why:
         return f"{why} (once the masks are proved)"

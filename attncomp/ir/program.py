@@ -158,6 +158,7 @@ def fold(program, shape: tuple, device=None) -> tuple:
     Raises :class:`Unfoldable` with the reason."""
     scale, bias, keep, fill, cur, unknown_fill = 1.0, None, None, None, tuple(shape), False
     proved = False  # a ProvedMask came before: the kernel applies it to the scores as they are then
+    negative = False  # a non-positive constant scale: it flips what an infinite term does
     for step in program:
         if isinstance(step, Scale):
             x = _scalar(step.factor)
@@ -170,6 +171,11 @@ def fold(program, shape: tuple, device=None) -> tuple:
                 raise Unfoldable("the scores are scaled by a tensor after a mask or a view")
             if (keep is not None or proved) and _is_number(x) and not x > 0:
                 raise Unfoldable("the masked scores are scaled by a non-positive constant")
+            if (keep is not None or proved) and not _is_number(x):
+                raise Unfoldable("the masked scores are scaled by a run-time value (its sign decides what the "
+                                 "mask does)")
+            if _is_number(x) and not x > 0:
+                negative = True
             scale = scale * x
             bias = None if bias is None else bias * x
             fill = None if fill is None or not _is_number(x) else fill * x
@@ -183,6 +189,8 @@ def fold(program, shape: tuple, device=None) -> tuple:
                 raise Unfoldable(f"a term is added after a mask filled with the finite value {fill:g}")
             if _is_number(x):
                 x = torch.tensor(float(x), device=device) if device is not None else Meta(None, float(x))
+            if negative and not _is_number(x) and not (isinstance(x, Meta) and x.shape is None):
+                raise Unfoldable("a tensor term is added after a non-positive scale (an infinite mask would flip)")
             x = x * step.coef if step.coef != 1.0 else x
             bias = x if bias is None else bias + x
         elif isinstance(step, MaskFill):
@@ -197,6 +205,8 @@ def fold(program, shape: tuple, device=None) -> tuple:
                                  "finfo.min fills are fused")
             if fill is not None and value != fill and not (value <= -BIG and fill <= -BIG):
                 raise Unfoldable("two masks with different fill values")
+            if negative:
+                raise Unfoldable("a mask after a non-positive scale")
             fill = value if fill is None else max(fill, value)
             k = ~step.cond if step.hide_where else step.cond
             keep = k if keep is None else keep & k

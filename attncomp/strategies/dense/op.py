@@ -150,7 +150,10 @@ def _cpu_bwd(dout, q, k, v, bias, out, lse, scale, causal_offset, softcap, want_
         if softcap:  # recompute capped scores to get dtanh
             raw = (qa @ ka.transpose(-1, -2)) * scale
             s = math_scores(q, k, bias, scale, causal_offset, softcap)
-        p = torch.softmax(s, -1).nan_to_num(0.0)  # as the forward (finfo.min rows: see _cpu_fwd)
+        lse_acc = torch.logsumexp(s, -1) if acc == torch.float64 else lse.to(acc)
+        p = torch.exp(s - lse_acc[..., None]).nan_to_num(0.0)  # lse may be a merged one (ring attention)
+        huge = (lse_acc.abs() > 1e30) & torch.isfinite(lse_acc)  # finfo.min rows: see _cpu_fwd
+        p = torch.where(huge[..., None], torch.softmax(s, -1).nan_to_num(0.0), p)
         do = dout.to(acc)
         dv = p.transpose(-1, -2) @ do
         dp = do @ va.transpose(-1, -2)
