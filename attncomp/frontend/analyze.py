@@ -189,7 +189,8 @@ def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None,
         return (f"{len(uses)} masks with fills {', '.join(sorted(f'{f:g}' for f in fills))} combine; the masked "
                 "scores' sums are kept exact on the tensor path")
     others = [s for s in kept if isinstance(s, (AddBias, MaskFill)) and isinstance(operands(s)[0], torch.fx.Node)]
-    if finite and others:
+    replacing = [s for s in others if isinstance(s, MaskFill) and not (_const_value(s.value) or 0.0) == -math.inf]
+    if finite and others or replacing:
         # a run-time term may hold -inf or finfo.min too: rows the proved finite-fill mask hides would then
         # get the eager sums, not the proved path's rule for such rows
         return "a finite-fill mask is combined with a run-time term that may mask too; both kept as tensors"

@@ -237,6 +237,12 @@ class AttentionKernel(Approximation, SiteModule):
             out, _ = runtime.dense_fwd(q4, k4, v4, add4, float(scale), causal, 0.0)
             if self.plan.spec.empty_rows == "nan" and add4 is not None:
                 out = out.masked_fill(torch.isneginf(add4).all(-1, keepdim=True), math.nan)
+            if keep is not None and fill is not None and fill > -math.inf and torch.is_grad_enabled():
+                # a finite masked_fill replaces the scores: a row it hides whole is the mean of v in eager,
+                # with no gradient to q or k (the folded shift would pass one through the softmax)
+                groups = q4.shape[1] // v4.shape[1]
+                mean = v4.mean(-2, keepdim=True).repeat_interleave(groups, 1)
+                out = torch.where(~keep.any(-1, keepdim=True), mean.to(out.dtype), out)
         if self.approx_pending():
             out = self._measure(out, self._approximate(q4, k4, v4, float(scale)))
         return out.reshape(*lead, q.shape[-2], v.shape[-1])
