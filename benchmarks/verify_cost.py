@@ -8,7 +8,7 @@ attention, B=2, L=128, the second sequence padded) and a 12-block stack of XCiT-
 cross-covariance attention (channel attention, dim 192, 4 heads, B=2, N=196). Each measurement runs
 in a fresh Python process (imports excluded, Dynamo's first use in the process included), the two
 settings alternating, ``--repeats`` times each; the medians are reported. The steady-state call is
-the median of 10 calls after 2 warm-up calls. Writes ``verify_cost.json``.
+the median of 10 calls after 2 warm-up calls. Writes ``benchmarks/results/verify-cost-cpu-<date>.json``.
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ def main() -> None:
         print(f"{name}: verification adds {on['first_s'] - off['first_s']:+.2f} s to the first call "
               f"({on['first_s'] / off['first_s']:.2f}x)")
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / "verify_cost.json").write_text(json.dumps({"runs": runs, "summary": summary}, indent=1))
+    out = Path(a.out) / f"verify-cost-cpu-{time.strftime('%Y-%m-%d')}.json"
+    out.write_text(json.dumps({"runs": runs, "summary": summary}, indent=1))
 
 
 if __name__ == "__main__":
