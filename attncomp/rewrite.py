@@ -63,8 +63,7 @@ def _terms_of(site: Site, uses=()) -> tuple[list, list, tuple]:
     if site.sdpa.get("attn_mask") is not None:
         site.sdpa = {**site.sdpa, "attn_mask": ref(site.sdpa["attn_mask"])}
     masks = tuple(KernelMask(u.static, None if u.keep_src is None else ref(u.keep_src)[1], u.keep_fn, u.fill,
-                             None if u.check_src is None else ref(u.check_src)[1], u.check_op,
-                             u.src_op or "masked_fill")
+                             None if u.check_src is None else ref(u.check_src)[1], u.src_op)
                   for u in uses)
     return steps, terms, masks
 
@@ -152,7 +151,7 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list, checked_masks: b
             plan = _ring(kernel, plan, steps, masks, site, context_parallel)
         # the eager form gets a proved mask rebuilt from its proof where the kernel's grid is the site's own
         # (4-D scores); otherwise the graph's mask node stays an input
-        proved = ({u.src: (j, u.src_op) for j, u in enumerate(uses) if u.src is not None} if len(roles.q) == 4
+        proved = ({u.src: j for j, u in enumerate(uses) if u.src is not None} if len(roles.q) == 4
                   else {})
         _insert_call(gm, site, kernel, (site.q.node, site.k.node, site.v.node, *terms), f"attncomp_site_{i}", moved,
                      verify and context_parallel is None, proved)
@@ -176,8 +175,7 @@ def _eager_inputs(gm: fx.GraphModule, site, kernel, inputs: tuple, verify: bool,
         if n in args:
             where.append(("arg", args.index(n)))
         elif n in proved:
-            j, op = proved[n]
-            where.append(("mask", j, op, getattr(T.meta(n), "dtype", None)))
+            where.append(("mask", proved[n], getattr(T.meta(n), "dtype", None)))
         else:
             args.append(n)
             where.append(("arg", len(args) - 1))

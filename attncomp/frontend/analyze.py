@@ -108,12 +108,12 @@ class MaskUse:
     fill: float
     proof: str
     # symbolic sizes: the proof holds at the example shape; the kernel checks the graph's mask
-    # ``check_src`` (as the step ``check_op`` used it) against it on every call
+    # ``check_src`` (as the step ``src_op`` uses it) against it on every call
     check_src: torch.fx.Node | None = None
-    check_op: str | None = None
-    # the graph's mask node and the step that reads it (the site's eager form gets it rebuilt from the proof)
+    # the graph's mask node and the step that reads it: masked_fill / masked_fill_not / add (the site's
+    # eager form gets it rebuilt from the proof)
     src: torch.fx.Node | None = None
-    src_op: str | None = None
+    src_op: str = "masked_fill"
 
 
 def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None,
@@ -153,8 +153,7 @@ def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None,
         if symbolic:
             proof += (f"; sizes are symbolic: proved at the example shape {Lq}x{Lk}, and every call checks the "
                       "graph's mask against the proof (a call where it differs runs the site's own computation)")
-        return MaskUse(fact.static, fact.keep_src, fact.keep_fn, fill, proof,
-                       node if symbolic else None, op if symbolic else None, node, op)
+        return MaskUse(fact.static, fact.keep_src, fact.keep_fn, fill, proof, node if symbolic else None, node, op)
     if any(isinstance(s, View) for s in site.steps):
         return "the scores are viewed between the product and the softmax"
     kept, uses, refused = [], [], []

@@ -69,9 +69,6 @@ def extract_region(gm: fx.GraphModule, region: list, output: fx.Node) -> tuple[f
         return env[n]
 
     for n in ordered:
-        for a in n.all_input_nodes:
-            if a not in members:
-                arg(a)
         env[n] = graph.node_copy(n, lambda a: env[a] if a in env else arg(a))
     graph.output(env[output])
     return fx.GraphModule(gm, graph, class_name="EagerSite"), inputs
@@ -107,7 +104,7 @@ class SiteModule(nn.Module):
 
     def attach_eager(self, eager: fx.GraphModule, eager_args: tuple, n_inputs: int, verify: bool) -> None:
         """The site's own nodes; ``eager_args[i]`` says where its i-th placeholder comes from:
-        ``("arg", j)`` the call's j-th argument, ``("mask", j, op, dtype)`` proved mask ``j`` rebuilt."""
+        ``("arg", j)`` the call's j-th argument, ``("mask", j, dtype)`` proved mask ``j`` rebuilt."""
         self.eager, self.eager_args, self.n_inputs = eager, eager_args, n_inputs
         self.verify_state = "pending" if verify else "off"
 
@@ -121,7 +118,7 @@ class SiteModule(nn.Module):
     def replay(self, *inputs):
         raise Unsupported("no eager form attached to this site module")
 
-    def rebuild_mask(self, j: int, op: str, dtype, args: tuple) -> Tensor:
+    def rebuild_mask(self, j: int, dtype, args: tuple) -> Tensor:
         raise Unsupported("this site has no proved masks")
 
     def eager_bytes(self, inputs: tuple) -> int:
@@ -161,7 +158,7 @@ class SiteModule(nn.Module):
         """The site's own eager computation on the call's arguments."""
         if self.eager is None:
             return self.replay(*(args if self.n_inputs is None else args[:self.n_inputs]))
-        vals = [args[s[1]] if s[0] == "arg" else self.rebuild_mask(s[1], s[2], s[3], args) for s in self.eager_args]
+        vals = [args[s[1]] if s[0] == "arg" else self.rebuild_mask(s[1], s[2], args) for s in self.eager_args]
         return self.eager(*vals)
 
     def _verify(self, out, args: tuple, inputs: tuple):

@@ -38,14 +38,13 @@ class KernelMask:
     """A proven mask of the site (see ``attncomp.analyze.MaskUse``): ``static`` AND
     ``keep_fn(terms[keep_term])``; hidden positions get ``fill`` in eager. With ``check_term`` (a
     graph with symbolic sizes, proved at its example shape), ``terms[check_term]`` is the graph's own
-    mask, used by the score step ``check_op``: each call checks it against the proof."""
+    mask, used by the score step ``op``: each call checks it against the proof."""
 
     static: Mask
     keep_term: int | None
     keep_fn: object
     fill: float
     check_term: int | None = None
-    check_op: str | None = None
     op: str = "masked_fill"  # the step that applies it in the graph: masked_fill / masked_fill_not / add
 
 
@@ -72,14 +71,21 @@ def _version(t: Tensor | None) -> int | None:
     return None if t is None or t.is_inference() else t._version
 
 
+def as_step_operand(m: KernelMask, visible: Tensor, dtype) -> Tensor:
+    """The proof ``visible`` (True = visible) as the graph's mask tensor for the step ``m.op``: the
+    hidden positions (``masked_fill``), the visible ones (``masked_fill_not``), or an additive mask of
+    ``dtype`` with ``m.fill`` where hidden (``add``)."""
+    if m.op == "masked_fill":
+        return ~visible
+    if m.op == "add":
+        return torch.zeros((), dtype=dtype, device=visible.device).masked_fill(~visible, m.fill)
+    return visible
+
+
 def _holds(m: KernelMask, actual: Tensor, visible: Tensor) -> bool:
-    """Whether the graph's mask ``actual`` (as step ``m.check_op`` uses it) equals the proof ``visible``."""
-    if m.check_op == "masked_fill":
-        visible = ~visible  # the condition marks hidden positions
-    elif m.check_op == "add":
-        visible = torch.zeros((), dtype=actual.dtype, device=actual.device).masked_fill(~visible, m.fill)
+    """Whether the graph's mask ``actual`` (as step ``m.op`` uses it) equals the proof ``visible``."""
     try:
-        a, b = torch.broadcast_tensors(actual, visible)
+        a, b = torch.broadcast_tensors(actual, as_step_operand(m, visible, actual.dtype))
     except RuntimeError:
         return False
     return bool(torch.equal(a, b))
@@ -152,6 +158,7 @@ class AttentionKernel(Approximation, SiteModule):
         self.static = mask_and(*(m.static for m in masks))
         # context parallelism (set by the rewrite): ring(q, k, v, mask, scale) -> out over the process group
         self.ring = None
+        self.run_hook = strategy_run(plan.strategy)  # a registered strategy's own op (looked up once)
         self.expr = self.static.expr() if masks else None
 
     def extra_repr(self) -> str:
@@ -179,17 +186,12 @@ class AttentionKernel(Approximation, SiteModule):
             return max(tol, math.inf if self.approx.tolerance is None else self.approx.tolerance)
         return tol
 
-    def rebuild_mask(self, j: int, op: str, dtype, args: tuple) -> Tensor:
-        """Proved mask ``j`` as the graph computed it for the step ``op`` (the proof says they are equal)."""
+    def rebuild_mask(self, j: int, dtype, args: tuple) -> Tensor:
+        """Proved mask ``j`` as the graph computed it for its step (the proof says they are equal)."""
         q, k = (_apply_views(t, vw) for t, vw in zip(args[:2], self.views))
         m = self.masks[j]
         terms = args[3:]
-        visible = self._visible(q.shape[-2], k.shape[-2], terms, q.device, (m,))
-        if op == "masked_fill":
-            return ~visible  # the condition marks hidden positions
-        if op == "add":
-            return torch.zeros((), dtype=dtype, device=q.device).masked_fill(~visible, m.fill)
-        return visible
+        return as_step_operand(m, self._visible(q.shape[-2], k.shape[-2], terms, q.device, (m,)), dtype)
 
     # ------------------------------------------------------------------ fused path
     def _fused(self, q: Tensor, k: Tensor, v: Tensor, terms) -> Tensor:
@@ -225,10 +227,10 @@ class AttentionKernel(Approximation, SiteModule):
         if self.ring is not None:  # context parallelism: q, k, v are this rank's shard of the sequence
             mask = Causal(0) if causal == 0 else self.static
             return self.ring(q4, k4, v4, mask, float(scale)).reshape(*lead, q.shape[-2], v.shape[-1])
-        run = strategy_run(self.plan.strategy)
-        if run is not None:  # a registered strategy that runs its own op
+        if self.run_hook is not None:  # a registered strategy that runs its own op
             keep = self._keep(terms) if self.masks else None
-            return run(self, q4, k4, v4, add4, float(scale), causal, keep).reshape(*lead, q.shape[-2], v.shape[-1])
+            out = self.run_hook(self, q4, k4, v4, add4, float(scale), causal, keep)
+            return out.reshape(*lead, q.shape[-2], v.shape[-1])
         if self.approx_active():
             return self._approximate(q4, k4, v4, float(scale)).reshape(*lead, q.shape[-2], v.shape[-1])
         if self.masks:
@@ -276,7 +278,7 @@ class AttentionKernel(Approximation, SiteModule):
                                      "one shape is checked per call, which a compiled graph cannot do)")
             actual = terms[m.check_term]
             keep = terms[m.keep_term] if m.keep_term is not None else None
-            key = (m.static, m.keep_fn, m.check_op, m.fill, Lq, Lk, _version(actual), _version(keep))
+            key = (m.static, m.keep_fn, m.op, m.fill, Lq, Lk, _version(actual), _version(keep))
             verdict = next((v for a, kp, k2, v in _CHECKS
                             if a() is actual and k2 == key and (keep is None or kp() is keep)), None)
             if verdict is None:
