@@ -205,6 +205,11 @@ class Report:
     def left(self) -> list[SiteRecord]:
         return [r for r in self.rows if r.status == "left"]
 
+    @property
+    def kept(self) -> list[SiteRecord]:
+        """Sites attncomp found and left as they are because it has nothing to gain there."""
+        return [r for r in self.rows if r.status == "kept"]
+
     def __str__(self) -> str:
         head = ("site", "rule", "shapes", "mask", "strategy", "status", "reason")
         lines = []
@@ -230,7 +235,8 @@ class Report:
         if not self.rows:
             out.append("(no attention sites found" + (" yet: call the model once or pass example_inputs)"
                                                       if self.graphs == 0 else ")"))
-        out.append(f"{len(self.replaced)} replaced, {len(self.left)} left; capture={self.capture}, "
+        kept = f"{len(self.kept)} kept (nothing to gain), " if self.kept else ""
+        out.append(f"{len(self.replaced)} replaced, {kept}{len(self.left)} left; capture={self.capture}, "
                    f"graphs={self.graphs}, graph breaks={self.graph_breaks}")
         out += self.notes
         if self.graphs > 1 and self.capture == "dynamo":

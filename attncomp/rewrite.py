@@ -33,7 +33,7 @@ class SiteRecord:
 
     path: str
     rule: str
-    status: str          # "replaced" | "left"
+    status: str          # "replaced" | "kept" (nothing to gain: the site's own nodes stay) | "left"
     reason: str
     spec: object = None
     plan: Plan | None = None
@@ -139,6 +139,11 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list, checked_masks: b
             spec = analyze(site)
             spec = spec.with_(mask=mask_and(spec.mask, mask_of(uses)))
         plan = plan_site(spec, requested)
+        if plan.variant == "kept":
+            if context_parallel is None:  # the site's own nodes stay: nothing to gain
+                records.append(SiteRecord(site.module_path, site.rule, "kept", "; ".join(plan.reasons), spec, plan))
+                continue
+            plan = plan.with_(variant="dense", reasons=("dense kernel (ring attention)",))
         plan = plan.with_(reasons=plan.reasons + note)
         steps, terms, masks = _terms_of(site, uses)
         m = site.anchor

@@ -88,7 +88,9 @@ def analyze(site: Site) -> AttentionSpec:
         scale = 1.0 / math.sqrt(dims.Dk)
     return AttentionSpec(
         dims=dims, dtype=dtype, score=Score(scale=scale, bias=tuple(bias)), mask=mask_and(*masks),
-        dropout_p=site.dropout[0], empty_rows="zero" if site.sdpa else "nan")
+        dropout_p=site.dropout[0], empty_rows="zero" if site.sdpa else "nan",
+        fused_eager=bool(site.sdpa) and site.sdpa.get("attn_mask") is None and not site.sdpa.get("mask_from_proof")
+        and not any(isinstance(s, (AddBias, MaskFill, ProvedMask)) for s in site.steps))
 
 
 # ---------------------------------------------------------------------------------------------

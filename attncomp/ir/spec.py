@@ -98,6 +98,8 @@ class AttentionSpec:
     empty_rows: Literal["nan", "zero"] = "nan"
     contract: str = "exact"
     form: LinearForm | TensorForm | None = None  # kernel "linear" / "tensor": what the site computes
+    # the eager site is already one fused kernel call with nothing to skip (an SDPA call without a mask tensor)
+    fused_eager: bool = False
 
     def with_(self, **changes) -> AttentionSpec:
         return replace(self, **changes)

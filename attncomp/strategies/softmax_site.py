@@ -18,15 +18,16 @@ import torch
 from torch import Tensor
 
 from attncomp.ir import Causal, Mask, Plan, mask_and, static_part
-from attncomp.ir.program import BIG, Unfoldable, fold, map_operands
+from attncomp.ir.program import BIG, Cast, ProvedMask, Scale, Unfoldable, fold, map_operands
 from attncomp.masks import blocks
+from attncomp.masks.analysis import KeyPadding
 from attncomp.runtime.approx import Approximation
-from attncomp.runtime.device import use_triton
 from attncomp.runtime.site import EagerThisCall as _EagerThisCall
 from attncomp.runtime.site import SiteModule, Unsupported, kernel_failed
 from attncomp.strategies import REGISTRY
 from attncomp.strategies.dense import op as runtime
 from attncomp.strategies.linear.op import linear_attention
+from attncomp.strategies.sparse import op as sparse_op
 from attncomp.strategies.sparse.masked import choose_blocks
 from attncomp.strategies.sparse.routing import routed_attention
 
@@ -53,16 +54,43 @@ MISMATCH = ("calls at shapes where the graph's mask differs from the one proved 
             "site's own computation")
 
 
-def _right_padding(keep: Tensor | None, B: int, Lk: int) -> list[int] | None:
-    """The key count of each of the ``B`` sequences when ``keep`` (``(B or 1, 1, 1, Lk)``) keeps a
-    non-empty prefix of every sequence's keys (right padding), else None."""
-    if keep is None or keep.dim() != 4 or keep.shape[0] not in (1, B) or keep.shape[1:] != (1, 1, Lk):
-        return None
-    row = keep[:, 0, 0, :]
-    lengths = row.sum(-1)
-    if not bool((lengths > 0).all()) or not torch.equal(row, torch.arange(Lk, device=row.device) < lengths[:, None]):
-        return None
-    return lengths.expand(B).tolist()
+_PADDING: list = []  # recent key-padding tensors derived from one run-time mask (weak refs), shared by its sites
+
+
+@dataclass(frozen=True)
+class Padding:
+    """What a key-padding mask means for one call, derived once per mask tensor for every site that
+    reads it (the layers of a model): ``hide`` ``(B|1, 1, Lk, 1)`` bool, True at a padded key (its k row is
+    zeroed); ``shift`` ``(B|1, 1, 1, Lk)`` additive, -inf at a padded key; ``empty`` ``(B|1, 1, Lq, 1)``
+    bool, True at a query row that sees no key under the static part and the padding."""
+
+    hide: Tensor
+    shift: Tensor
+    empty: Tensor
+
+
+def padding(src: Tensor, fn, static: Mask, Lq: int, Lk: int, dtype) -> Padding:
+    """The :class:`Padding` of key-padding source ``src`` (``fn(src)``: bool ``(B|1, 1, 1, Lk)``) under
+    a ``static`` part that is ``Full`` or ``Causal``; cached by tensor identity and version (an in-place
+    write bumps the version; inference tensors, which keep none, are not cached)."""
+    key = (fn, static, Lq, Lk, dtype, _version(src))
+    for ref, k, val in _PADDING:
+        if k == key and ref() is src and key[-1] is not None:
+            return val
+    keep = fn(src)
+    if isinstance(static, Causal):  # query i sees keys j <= i + offset: empty iff none of those is kept
+        seen = keep[:, :, 0].cummax(-1).values  # (B, 1, Lk): some key <= j is kept
+        last = torch.arange(Lq, device=keep.device) + static.offset
+        vis = seen[..., last.clamp(0, Lk - 1)] & (last >= 0)
+        empty = ~vis[..., None]
+    else:
+        empty = ~keep.any(-1, keepdim=True)
+    zero = torch.zeros((), dtype=dtype, device=keep.device)
+    val = Padding(~keep.transpose(-1, -2), zero.masked_fill(~keep, -math.inf), empty)
+    if key[-1] is not None:
+        _PADDING.insert(0, (weakref.ref(src), key, val))
+        del _PADDING[8:]
+    return val
 
 
 def _version(t: Tensor | None) -> int | None:
@@ -93,6 +121,13 @@ def _holds(m: KernelMask, actual: Tensor, visible: Tensor) -> bool:
 
 def _ref(x, terms):
     return terms[x[1]] if isinstance(x, tuple) and len(x) == 2 and x[0] == "term" else x
+
+
+def _reads_terms(steps) -> bool:
+    """Whether the score program needs the call's tensors (else it folds once, at build time): only
+    constant scales, proved masks and casts fold without them."""
+    return not all(isinstance(s, (ProvedMask, Cast)) or (isinstance(s, Scale) and isinstance(s.factor, (int, float)))
+                   for s in steps)
 
 
 def _apply_views(x: Tensor, views) -> Tensor:
@@ -160,6 +195,13 @@ class AttentionKernel(Approximation, SiteModule):
         self.ring = None
         self.run_hook = strategy_run(plan.strategy)  # a registered strategy's own op (looked up once)
         self.expr = self.static.expr() if masks else None
+        self.block_sizes: dict = {}  # block-sparse tile sizes per call shape (choose_blocks, once each)
+        # a program with no run-time operand folds once, here: (scale, bias, keep, fill) of every call
+        self.folded = None if _reads_terms(steps) else replay(steps, (), (), None)
+        # the proved masks' run-time part is key padding ((B, 1, 1, Lk) keep): hidden keys are hidden from
+        # every query, so their k rows can be zeroed and the mask folded into a per-key shift exactly
+        self.column_keep = bool(masks) and all(m.keep_term is None or isinstance(m.keep_fn, KeyPadding)
+                                               for m in masks)
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, strategy={self.plan.strategy}, mask={self.plan.spec.mask}"
@@ -198,26 +240,23 @@ class AttentionKernel(Approximation, SiteModule):
         grouped = self.kv_groups > 1 or self.sdpa.get("enable_gqa")  # k, v keep Hkv heads
         if not grouped and k.shape[:-2] != q.shape[:-2]:
             raise Unsupported("q and k batch dims differ")
+        if q.dim() > 4:
+            raise Unsupported("more than two batch dims")
         self._check_masks(q.shape[-2], k.shape[-2], terms, q.device)
         shape = (*q.shape[:-1], k.shape[-2])
-        scale, bias, keep, fill = replay(self.steps, terms, shape, q.device)
+        scale, bias, keep, fill = self.folded or replay(self.steps, terms, shape, q.device)
         if isinstance(scale, Tensor):
             q, scale = q * scale.to(q.dtype), 1.0
         if self.sdpa:  # SDPA's scale argument; None means 1/sqrt(D)
             s = self.sdpa.get("scale")
             scale = scale * (1.0 / math.sqrt(q.shape[-1]) if s is None else s)
-        if keep is not None and not torch.compiler.is_compiling() and runtime.nonfinite(q, k):
-            # A mask kept as a tensor is folded into an additive shift, and an Inf / NaN score at a
-            # hidden key would survive it (inf - inf = NaN) where eager's masked_fill replaces it.
-            raise _EagerThisCall("calls whose q or k held Inf / NaN ran eagerly (a run-time tensor mask "
-                                 "folded into an additive shift would turn a hidden Inf score into NaN)")
+        lead = q.shape[:-2]
+        q4, k4, v4 = _to4d(q), _to4d(k), _to4d(v)
+        if keep is not None:
+            k4 = self._unmasked_keys(q4, k4, keep)
         add = _fold(bias, keep, fill, q.dtype)
         if add is not None:
             add = add.to(q.dtype)
-        lead = q.shape[:-2]
-        if q.dim() > 4:
-            raise Unsupported("more than two batch dims")
-        q4, k4, v4 = _to4d(q), _to4d(k), _to4d(v)
         while add is not None and add.dim() > max(len(shape), 4):
             if add.shape[0] != 1:
                 raise Unsupported(f"bias of shape {tuple(add.shape)} has more batch dims than the scores")
@@ -236,7 +275,7 @@ class AttentionKernel(Approximation, SiteModule):
         if self.masks:
             out = self._masked(q4, k4, v4, add4, float(scale), terms)
         else:
-            out, _ = runtime.dense_fwd(q4, k4, v4, add4, float(scale), causal, 0.0)
+            out, _ = runtime.run(q4, k4, v4, add4, float(scale), causal, 0.0, exact_lse=False)  # lse unused
             if self.plan.spec.empty_rows == "nan" and add4 is not None:
                 out = out.masked_fill(torch.isneginf(add4).all(-1, keepdim=True), math.nan)
             if keep is not None and fill is not None and fill > -math.inf and torch.is_grad_enabled():
@@ -248,6 +287,26 @@ class AttentionKernel(Approximation, SiteModule):
         if self.approx_pending():
             out = self._measure(out, self._approximate(q4, k4, v4, float(scale)))
         return out.reshape(*lead, q.shape[-2], v.shape[-1])
+
+    def _unmasked_keys(self, q: Tensor, k: Tensor, keep: Tensor) -> Tensor:
+        """k ``(B, Hkv, Lk, D)`` for a call whose run-time mask ``keep`` is folded into an additive shift.
+
+        An Inf / NaN score at a hidden key would survive the shift (``inf - inf = NaN``) where the site's
+        own ``masked_fill`` replaces it. A key-padding mask ``(B|1, 1, 1, Lk)`` hides a key from every
+        query: its k row is zeroed (its score is then finite, the shift hides it exactly; v is untouched,
+        so a NaN there still reaches the output as in eager). SDPA sites add their mask themselves
+        (the same IEEE arithmetic as the fold). Any other run-time mask shape of a softmax chain is
+        checked for non-finite q / k (a host read, the one per-call check left: such a model passes
+        an L x L mask tensor of its own)."""
+        if self.sdpa:
+            return k
+        col = _to4d(keep) if keep.dim() <= 4 else None
+        if col is not None and col.shape[1:3] == (1, 1) and col.shape[0] in (1, k.shape[0]):
+            return torch.where(col.transpose(-1, -2), k, torch.zeros((), dtype=k.dtype, device=k.device))
+        if not torch.compiler.is_compiling() and runtime.nonfinite(q, k):
+            raise _EagerThisCall("calls whose q or k held Inf / NaN ran eagerly (a run-time tensor mask "
+                                 "folded into an additive shift would turn a hidden Inf score into NaN)")
+        return k
 
     def _approximate(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         """The opt-in approximation of this site on 4-D q ``(B, Hq, Lq, D)``, k/v ``(B, Hkv, Lk, D/Dv)``:
@@ -298,31 +357,42 @@ class AttentionKernel(Approximation, SiteModule):
         return keep
 
     def _masked(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, terms) -> Tensor:
-        """Attention under the proven masks: the dense causal kernel when that is all there is, the
-        block-sparse kernel otherwise (visiting only the tiles the mask leaves), or — when the plan
-        says dense — the dense kernel on the materialised mask."""
-        keep, Lq, Lk = self._keep(terms), q.shape[2], k.shape[2]
-        lengths = (_right_padding(keep, q.shape[0], Lk)
-                   if self.static == Causal(0) and bias is None and not use_triton(q) else None)
-        if keep is None and isinstance(self.static, Causal):
-            out, lse = runtime.dense_fwd(q, k, v, bias, scale, self.static.offset, 0.0)
-        elif lengths is not None:
-            # CPU, causal AND right padding: each sequence's keys cut to its length run the dense causal
-            # kernel (about 2x faster than any mask; causal is top-left aligned, as Causal(0) is)
-            parts = [runtime.dense_fwd(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], None, scale, 0, 0.0)
-                     for b, n in enumerate(lengths)]
-            out, lse = (torch.cat(x, 0) for x in zip(*parts))
-        elif self.plan.strategy == "dense":
+        """Attention under the proven masks, as the plan's variant says: the dense causal kernel when
+        that is all there is; with key padding (and no other mask, or causal), the dense kernel with the
+        padding as a per-key shift;
+        the block-sparse kernel (visiting only the tiles the mask leaves); or — variant ``dense`` — the
+        dense kernel on the materialised mask."""
+        Lq, Lk = q.shape[2], k.shape[2]
+        variant, k_site = self.plan.variant, k
+        offset = self.static.offset if isinstance(self.static, Causal) else None
+        if variant == "dense-causal":
+            if offset >= 0 and bias is None:  # every query sees key 0: no row is empty, lse is not needed
+                return runtime.run(q, k, v, None, scale, offset, 0.0, exact_lse=False)[0]
+            out, lse = runtime.run(q, k, v, bias, scale, offset, 0.0)
+            return self._empty_rows(out, torch.isneginf(lse)[..., None], q, k_site, v, bias, scale)
+        if variant == "dense-padding":
+            (m,) = [m for m in self.masks if m.keep_term is not None]
+            pad = padding(terms[m.keep_term], m.keep_fn, self.static, Lq, Lk, q.dtype)
+            k = k.masked_fill(pad.hide, 0.0)  # see _unmasked_keys
+            shift = pad.shift if bias is None else bias + pad.shift
+            out, _ = runtime.run(q, k, v, shift, scale, offset, 0.0, exact_lse=False)
+            return self._empty_rows(out, pad.empty, q, k_site, v, bias, scale)
+        keep = self._keep(terms)
+        if keep is not None and self.column_keep:  # see _unmasked_keys
+            k = k.masked_fill(~keep.transpose(-1, -2), 0.0)
+        if variant != "block-sparse":
             visible = self._visible(Lq, Lk, terms, q.device)
             shift = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~visible, -math.inf)
-            out, lse = runtime.dense_fwd(q, k, v, shift if bias is None else bias + shift, scale, None, 0.0)
+            out, lse = runtime.run(q, k, v, shift if bias is None else bias + shift, scale, None, 0.0)
         else:
-            bm, bn = choose_blocks(q, k, v, self.expr, keep, bias, scale, 0.0)
-            table = blocks.block_table_op(q, keep, self.expr or "", Lq, Lk, bm, bn)
-            out, lse = torch.ops.attncomp.sparse_fwd(q, k, v, bias, keep, *table, scale, 0.0, self.expr or "", bm, bn)
-        # a row that sees no key: eager gives the mean of v (finite fill: all scores equal), NaN
-        # (softmax of -inf) or zeros (SDPA)
-        empty = torch.isneginf(lse)[..., None]
+            bm, bn = self._blocks(q, k, v, keep, bias, scale)
+            out, lse = sparse_op.run(q, k, v, bias, keep, self.expr or "", bm, bn, scale)
+        return self._empty_rows(out, torch.isneginf(lse)[..., None], q, k_site, v, bias, scale)
+
+    def _empty_rows(self, out: Tensor, empty: Tensor, q: Tensor, k: Tensor, v: Tensor, bias, scale: float) -> Tensor:
+        """``out`` ``(B, Hq, Lq, Dv)`` with the rows ``empty`` marks (they see no key) as the site's eager
+        form gives them: the mean of v (a finite fill makes all their scores equal), NaN (softmax of
+        -inf) or zeros (SDPA, as the kernels give them)."""
         if any(m.fill > -math.inf for m in self.masks):
             groups = q.shape[1] // v.shape[1]
             mean = v.mean(-2, keepdim=True).repeat_interleave(groups, 1)
@@ -330,7 +400,8 @@ class AttentionKernel(Approximation, SiteModule):
                     and any(m.op == "add" for m in self.masks) and bool(empty.any())):
                 # an added fill keeps the scores in the graph: eager's gradient reaches q and k through
                 # the uniform softmax of those rows. softmax(s - s.detach()) is that softmax (value: the
-                # mean of v; gradient: eager's). Training only, and only when such a row exists.
+                # mean of v; gradient: eager's). Training only, and only when such a row exists (a host
+                # read in training; inference never takes this branch).
                 s = (q @ runtime.repeat_kv(k, groups).transpose(-1, -2)) * scale
                 if bias is not None:
                     s = s + bias
@@ -339,6 +410,14 @@ class AttentionKernel(Approximation, SiteModule):
         elif self.plan.spec.empty_rows == "nan":
             out = out.masked_fill(empty, math.nan)
         return out
+
+    def _blocks(self, q: Tensor, k: Tensor, v: Tensor, keep, bias, scale: float) -> tuple[int, int]:
+        """The block-sparse tile sizes for this call's shape (autotuned or heuristic, see
+        :func:`choose_blocks`), looked up once per shape and kept by the site."""
+        key = (q.shape, k.shape, v.shape[-1], q.dtype, q.device, keep is None, bias is None)
+        if key not in self.block_sizes:
+            self.block_sizes[key] = choose_blocks(q, k, v, self.expr, keep, bias, scale, 0.0)
+        return self.block_sizes[key]
 
     def _visible(self, Lq: int, Lk: int, terms, device, masks=None) -> Tensor:
         """The proven masks as a bool tensor broadcastable to the scores (True = visible)."""

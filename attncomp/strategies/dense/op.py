@@ -67,14 +67,17 @@ def cpu_flash(q: Tensor, k: Tensor, v: Tensor, causal: bool, attn_mask: Tensor |
 
 
 def nonfinite(*ts) -> bool:
+    """Whether any of ``ts`` holds NaN or Inf (a host read: never on a steady-state path)."""
     return not all(bool(torch.isfinite(t).all()) for t in ts if t is not None)
 
 
-def _cpu_fwd(q, k, v, bias, scale, causal_offset, softcap):
+def _cpu_fwd(q, k, v, bias, scale, causal_offset, softcap, exact_lse: bool = True):
     groups = q.shape[1] // k.shape[1]
-    if nonfinite(q, k):
-        # NaN / Inf scores: softmax as eager computes it (torch's fused kernel gives a row whose visible
-        # scores are all -inf lse 0, not -inf, and rows with +inf scores zeros, not NaN)
+    if exact_lse and nonfinite(q, k):
+        # NaN / Inf in q or k: torch's fused kernel propagates them as the scores' arithmetic does, except a
+        # row whose visible scores are all -inf (from -inf data), which it gives lse 0, not -inf. The op's
+        # contract is exact, so such calls run the math path; a site that knows its empty rows from the
+        # proof asks for exact_lse=False and pays no scan (the host read this takes)
         s = math_scores(q, k, bias, scale, causal_offset, softcap)
         lse = torch.logsumexp(s, -1)
         p = torch.softmax(s, -1).masked_fill(torch.isneginf(lse)[..., None], 0.0)
@@ -85,7 +88,7 @@ def _cpu_fwd(q, k, v, bias, scale, causal_offset, softcap):
             q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         out, lse = cpu_flash(q, kk, vv, causal_offset == 0, mask, scale)
         lse = lse.float()
-        if bias is not None:  # the fused kernel gives a row with no visible key lse 0: make it -inf
+        if bias is not None and exact_lse:  # the fused kernel gives a row with no visible key lse 0: make it -inf
             hidden = torch.isneginf(bias.to(q.dtype))  # bias's own (broadcast) shape, not (B, H, Lq, Lk)
             if causal_offset == 0:
                 upper = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).triu(1)
@@ -101,19 +104,37 @@ def _cpu_fwd(q, k, v, bias, scale, causal_offset, softcap):
     return out, lse.float()
 
 
+def run(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
+        causal_offset: int | None, softcap: float = 0.0, exact_lse: bool = True) -> tuple[Tensor, Tensor]:
+    """:func:`dense_fwd` for a site module that already holds checked inputs: the custom op when
+    autograd needs its formula or a compiler traces the call, else its body directly (the op's
+    dispatch costs more than the kernel on small inputs). ``exact_lse=False``: the caller knows its
+    rows with no visible key itself, and their lse may be any value on CPU."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, bias))):
+        return dense_fwd(q, k, v, bias, scale, causal_offset, softcap)
+    if use_triton(q):  # the kernels' own limits (head dim), as the op checks them
+        validate.check_qkv(q, k, v, name_prefix="dense_fwd: ")
+    return _forward(q, k, v, bias, scale, causal_offset, softcap, exact_lse)
+
+
 @torch.library.custom_op("attncomp::dense_fwd", mutates_args=())
 def dense_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
               causal_offset: int | None, softcap: float) -> tuple[Tensor, Tensor]:
     """Dense attention forward; see the module docstring for shapes. Returns (out, lse)."""
     validate.check_qkv(q, k, v, name_prefix="dense_fwd: ")
     validate.check_additive(bias, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), q, "dense_fwd: bias")
+    return _forward(q, k, v, bias, scale, causal_offset, softcap)
+
+
+def _forward(q, k, v, bias, scale, causal_offset, softcap, exact_lse: bool = True):
     if validate.is_empty(q, k, v):  # zero-size inputs: zeros and lse = -inf (validate.empty_result)
         return validate.empty_result(q, v)
     if use_triton(q):
         from attncomp.strategies.dense import launcher as triton_dense
         out, lse = triton_dense.dense_fwd(q, k, v, bias, scale, causal_offset, softcap)
     else:
-        out, lse = _cpu_fwd(q, k, v, bias, scale, causal_offset, softcap)
+        out, lse = _cpu_fwd(q, k, v, bias, scale, causal_offset, softcap, exact_lse)
     return out.contiguous(), lse.contiguous()
 
 

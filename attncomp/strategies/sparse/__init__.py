@@ -70,10 +70,11 @@ def plan(spec: AttentionSpec, requested: Strategy) -> Plan | str | None:
     static, runtime = static_part(spec.mask), runtime_part(spec.mask)
     if any(t.role == "general" for t in runtime):
         return None
-    if isinstance(static, (Full, Causal)) and not runtime:
-        if requested.name in ("local", "sparse"):
+    if isinstance(static, (Full, Causal)):
+        if requested.name in ("local", "sparse") and not runtime:
             return f"{requested.name} requested, but a {static} mask has nothing to skip"
-        return None
+        if requested.name == "auto":  # the dense (causal) kernel takes key padding as a per-key shift
+            return None
     why = f"{requested.name}: sparse block-sparse kernel, {describe(spec)}"
     return Plan(spec=spec, strategy="sparse", reasons=(why,))
 

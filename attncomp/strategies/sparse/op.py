@@ -27,7 +27,7 @@ import functools
 import torch
 from torch import Tensor
 
-from attncomp.masks.blocks import LRU, BlockTable, eval_expr
+from attncomp.masks.blocks import LRU, BlockTable, block_table, eval_expr
 from attncomp.runtime import validate
 from attncomp.runtime.device import use_triton
 from attncomp.strategies.dense.op import cpu_flash, repeat_kv
@@ -107,15 +107,56 @@ def _full4(t: Tensor, Lq: int, Lk: int) -> Tensor:
     return t.expand(t.shape[0], t.shape[1], Lq, Lk)
 
 
+_HOST = LRU(64)  # host-side decisions of static tables (run): per (mask_expr, shape, blocks, device, keep?)
+
+
+def run(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tensor | None, mask_expr: str,
+        block_m: int, block_n: int, scale: float) -> tuple[Tensor, Tensor]:
+    """:func:`sparse_fwd` for a site module, on the static table of ``mask_expr`` with ``keep`` (bool,
+    broadcastable to ``(B, Hq, Lq, Lk)``) applied inside the visited tiles.
+
+    The custom op runs when autograd needs its formula, a compiler traces the call, or the Triton
+    kernels run. CPU inference runs the executor directly with its host-side decisions (the visited
+    key blocks per query block, bands, dense-or-gathered) computed once per static table and cached:
+    no host read per call, and a new ``keep`` tensor builds no table. NaN / Inf in q or k follow the
+    executor's arithmetic, with no pre-scan: a hidden key inside a visited tile is masked additively,
+    so an Inf there gives NaN (as torch's SDPA does with a mask); the site's first-call verification
+    compares with the eager form."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    if (torch.compiler.is_compiling() or use_triton(q) or (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, bias)))):
+        table = torch.ops.attncomp.block_table(q, keep, mask_expr, Lq, Lk, block_m, block_n)
+        return torch.ops.attncomp.sparse_fwd(q, k, v, bias, keep, *table, scale, 0.0, mask_expr, block_m, block_n)
+    if validate.is_empty(q, k, v):
+        return validate.empty_result(q, v)
+    key = (mask_expr, Lq, Lk, block_m, block_n, str(q.device), keep is not None)
+    host = _HOST.get_or(key, lambda: _host_plan(block_table(mask_expr or None, None, Lq, Lk, block_m, block_n,
+                                                            q.device), keep is not None))
+    return cpu_forward(q, k, v, bias, keep, *host["table"], scale, 0.0, mask_expr, block_m, block_n, host=host)
+
+
+def _host_plan(table: BlockTable, keep: bool) -> dict:
+    """What the executor decides from a static table alone, once: the union of visited key blocks per
+    query block (with ``keep``, FULL tiles are checked element-wise like PARTIAL ones)."""
+    idx, full, valid = _union(table.kv_num, table.kv_idx, table.full_num, table.full_idx)
+    if keep:
+        full = torch.zeros_like(full)
+    nqb, nkb = table.kv_num.shape[-1], table.kv_idx.shape[-1]
+    return {"table": (table.kv_num, table.kv_idx, table.full_num, table.full_idx), "union": (idx, full, valid),
+            "dense": bool(valid.sum() >= DENSE_AT * valid.shape[0] * valid.shape[1] * nqb * nkb), "runs": {}}
+
+
 def cpu_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tensor | None,
                 kv_num: Tensor, kv_idx: Tensor, full_num: Tensor, full_idx: Tensor, scale: float,
-                softcap: float, mask_expr: str, block_m: int, block_n: int) -> tuple[Tensor, Tensor]:
-    """The torch executor (differentiable in q, k, v, bias). Shapes as in the module docstring."""
+                softcap: float, mask_expr: str, block_m: int, block_n: int,
+                host: dict | None = None) -> tuple[Tensor, Tensor]:
+    """The torch executor (differentiable in q, k, v, bias). Shapes as in the module docstring.
+    ``host``: the table's cached host-side decisions (:func:`run`); None computes them here (the op)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     nqb, nkb = -(-Lq // block_m), -(-Lk // block_n)
-    idx, full, valid = _union(kv_num, kv_idx, full_num, full_idx)
+    idx, full, valid = host["union"] if host is not None else _union(kv_num, kv_idx, full_num, full_idx)
     Ht = idx.shape[1]
     if Ht not in (1, Hq):
         raise ValueError(f"block table has {Ht} heads; expected 1 or {Hq}")
@@ -127,8 +168,10 @@ def cpu_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tens
     # torch's fused kernel takes the mask as an additive -inf, which turns an Inf score at a hidden key into
     # NaN; with NaN / Inf in q or k the masked_fill path below replaces hidden scores, as eager does
     fused = (not grad and not softcap and q.device.type == "cpu" and D == Dv
-             and bool(torch.isfinite(q).all()) and bool(torch.isfinite(k).all()))
-    if fused and bool(valid.sum() >= DENSE_AT * valid.shape[0] * valid.shape[1] * nqb * nkb):
+             and (host is not None or (bool(torch.isfinite(q).all()) and bool(torch.isfinite(k).all()))))
+    dense = host["dense"] if host is not None else bool(
+        valid.sum() >= DENSE_AT * valid.shape[0] * valid.shape[1] * nqb * nkb)
+    if fused and dense:
         return _dense_forward(q, k, v, bias, keep, mask_expr, scale, acc, idx, valid, block_m, block_n)
     kp = _pad_to(k, 2, nkb * block_n).to(acc)
     vp = _pad_to(v, 2, nkb * block_n).to(acc)
@@ -140,7 +183,12 @@ def cpu_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tens
     bias4 = None if bias is None else _pad_to(_pad_to(_full4(bias, Lq, Lk), 2, nqb * block_m),
                                                3, nkb * block_n).to(acc)
     static = keep4 is None and idx.shape[:2] == (1, 1)  # the table and visibility depend on shapes only
-    runs = _band_runs(idx, valid, block_m, block_n) if fused and static else None
+    if fused and static and host is not None:
+        runs = host["runs"].get("runs", "?")
+        if runs == "?":
+            runs = host["runs"]["runs"] = _band_runs(idx, valid, block_m, block_n)
+    else:
+        runs = _band_runs(idx, valid, block_m, block_n) if fused and static else None
     if runs is not None:  # runs of query blocks that read keys at a fixed stride: views, no gather
         front = max(c for _, _, c, _ in runs) * block_n
         back = max((b - 1) * block_m - c * block_n + W * block_n for _, b, c, W in runs)
@@ -205,8 +253,7 @@ def cpu_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tens
             m = s.amax(-1)
             p = torch.softmax(s, -1)
             empty = torch.isneginf(m)
-            if bool(empty.any()):
-                p.masked_fill_(empty[..., None], 0.0)
+            p.masked_fill_(empty[..., None], 0.0)
             o = (p.view(B, Hkv, nq, G * block_m, K * block_n) @ vg).view(B, Hkv, nq, G, block_m, Dv)
             lse = torch.where(empty, m, m - torch.log(p.amax(-1)))
         outs.append(o)
