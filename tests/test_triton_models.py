@@ -36,7 +36,7 @@ def test_gpt2_sites_run_generated_triton(triton_calls, impl):
     model = GPT2Model(cfg).eval()
     ids = torch.randint(0, 64, (1, 24))
     ref = model(ids).last_hidden_state
-    fast = attncomp.optimize(model, example_inputs=(ids,))
+    fast = attncomp.optimize(model, "dense", example_inputs=(ids,))  # sdpa: is_causal SDPA calls, asked for
     triton_calls.clear()
     out = fast(ids).last_hidden_state
     assert len(attncomp.explain(fast).replaced) == 2
@@ -49,7 +49,7 @@ def test_vit_sites_run_generated_triton(triton_calls):
                               img_size=64).eval()
     x = torch.randn(1, 3, 64, 64)
     ref = model(x)
-    fast = attncomp.optimize(model, example_inputs=(x,))
+    fast = attncomp.optimize(model, "dense", example_inputs=(x,))  # SDPA calls without a mask, asked for
     triton_calls.clear()
     out = fast(x)
     assert len(triton_calls) == 2

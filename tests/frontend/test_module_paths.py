@@ -83,7 +83,7 @@ def _attention_modules(model: nn.Module, cls: type) -> list[str]:
 @pytest.mark.parametrize("capture", CAPTURES)
 def test_paths_are_the_models_module_names(capture, wrapped):
     model, x = _net(wrapped), torch.randn(2, 8, 16)
-    fast = attncomp.optimize(model, example_inputs=(x,), capture=capture)
+    fast = attncomp.optimize(model, "dense", example_inputs=(x,), capture=capture)  # SDPA without a mask too
     report = attncomp.explain(fast)
     # the model's own forward is "" in named_modules() and in the report, shown as <model>
     assert sorted(r.path for r in report.rows) == sorted(["", *_attention_modules(model, Attn)]), str(report)

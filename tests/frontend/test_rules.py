@@ -135,7 +135,10 @@ def test_sdpa_call_forms(name, capture):
     inputs = qkv(hkv=hkv) + ((mask,) if mask is not None else ())
     model = M()
     ref = model(*inputs)
-    fast = attncomp.optimize(model, example_inputs=inputs, capture=capture)
+    auto = attncomp.explain(attncomp.optimize(model, example_inputs=inputs, capture=capture))
+    # under "auto", a call without a mask tensor is kept as it is (nothing to gain); asked for, it is replaced
+    assert [r.status for r in auto.rows] == ["replaced" if mask is not None else "kept"], str(auto)
+    fast = attncomp.optimize(model, "dense", example_inputs=inputs, capture=capture)
     out = fast(*inputs)
     rep = attncomp.explain(fast)
     assert [r.rule for r in rep.replaced] == ["sdpa_call"], str(rep)

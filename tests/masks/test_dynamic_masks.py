@@ -99,5 +99,5 @@ def test_key_padding_from_a_runtime_mask_is_checked_per_call(pad):
     rep = attncomp.explain(fast)
     assert rep.graphs == 2 and len(rep.replaced) == 2, str(rep)
     for r in rep.replaced:
-        assert str(r.spec.mask) == "causal & key_padding" and r.strategy == "sparse"
+        assert str(r.spec.mask) == "causal & key_padding" and r.plan.variant == "dense-padding"
         assert r.kernel.calls == {"fused": 3, "literal": 0}

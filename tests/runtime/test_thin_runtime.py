@@ -210,19 +210,21 @@ class _Calls:
         from attncomp.strategies.dense import op as dense_op
 
         self.log = []
+        from attncomp.strategies.sparse import op as sparse_op
+
         real_run = dense_op.run
-        real_sparse = torch.ops.attncomp.sparse_fwd
+        real_sparse = sparse_op.run
 
         def run(q, k, v, bias, scale, causal, softcap=0.0, exact_lse=True):
             self.log.append(("dense", causal, None if bias is None else tuple(bias.shape)))
             return real_run(q, k, v, bias, scale, causal, softcap, exact_lse)
 
-        def sparse(*args):
-            self.log.append(("sparse", args[-3]))
-            return real_sparse(*args)
+        def sparse(q, k, v, bias, keep, expr, *args):
+            self.log.append(("sparse", expr))
+            return real_sparse(q, k, v, bias, keep, expr, *args)
 
         monkeypatch.setattr(dense_op, "run", run)
-        monkeypatch.setattr(torch.ops.attncomp, "sparse_fwd", sparse)
+        monkeypatch.setattr(sparse_op, "run", sparse)
 
 
 def _reference(q, k, v, visible, scale):
