@@ -156,8 +156,10 @@ class ModuleCapture:
         """Run the model eagerly while finding owners; returns the model's output."""
         stack: list[nn.Module] = []
 
-        def enter(mod, args):
+        def enter(mod, args, kwargs):
             stack.append(mod)
+            # the shapes each module ran at: an owner found later in this call starts from them
+            self._shapes.setdefault(mod, ShapeTracker()).observe(args, kwargs)
 
         def leave(mod, args, out):
             while stack and stack.pop() is not mod:  # a module whose hooks were removed inside it
@@ -171,7 +173,7 @@ class ModuleCapture:
                     self._own(mod)  # the model returns them: the site stays eager, explain says why
 
         for m in self.model.modules():
-            self._handles[m] = (m.register_forward_pre_hook(enter), m.register_forward_hook(leave, always_call=True))
+            self._handles[m] = (m.register_forward_pre_hook(enter, with_kwargs=True), m.register_forward_hook(leave, always_call=True))
         self._recorder = _Recorder(stack, lambda m, probs: self._candidates.setdefault(m, []).append(probs))
         try:
             with self._recorder:
