@@ -173,7 +173,8 @@ class ModuleCapture:
                     self._own(mod)  # the model returns them: the site stays eager, explain says why
 
         for m in self.model.modules():
-            self._handles[m] = (m.register_forward_pre_hook(enter, with_kwargs=True), m.register_forward_hook(leave, always_call=True))
+            self._handles[m] = (m.register_forward_pre_hook(enter, with_kwargs=True),
+                                m.register_forward_hook(leave, always_call=True))
         self._recorder = _Recorder(stack, lambda m, probs: self._candidates.setdefault(m, []).append(probs))
         try:
             with self._recorder:
