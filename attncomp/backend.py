@@ -15,11 +15,14 @@ attention sites with the same rules and passes as :func:`attncomp.optimize`
 Options: ``torch.compile(m, backend="attncomp", options={"inner": "eager", "strategy": "dense"})``;
 other keys are passed to Inductor as config patches (``{"max_autotune": True}``).
 
-Dynamic shapes: the rewrite does not specialise on sizes, so after Dynamo's automatic-dynamic
-recompile a new sequence length reuses the graph; attncomp's Triton kernels are keyed on
+Dynamic shapes: the rewrite does not specialise on sizes, so after a dynamic recompile (Dynamo's
+automatic dynamic under ``torch.compile``; under :func:`attncomp.optimize`, attncomp's own marks,
+:mod:`attncomp.frontend.dynamic`) a new sequence length reuses the graph; attncomp's Triton kernels are keyed on
 compile-time flags only, and their tuned configs on power-of-two shape buckets. With
 ``inner="eager"`` a mask of such a graph is proved at its example shape and checked by the kernel
-on every call (``rewrite(..., checked_masks=True)``); under Inductor it stays a tensor.
+on every call (``rewrite(..., checked_masks=True)``); under Inductor it stays a tensor. ``dynamic_graphs`` counts
+the graphs traced with symbolic sizes. Inside an optimized model's call the backend is a safe point
+to stop a capture past its time budget (:func:`attncomp.frontend.budget.check`).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from torch import nn
 
 import attncomp
 from attncomp.frontend import budget, dynamic
-from tests.conftest import rel_err
+from conftest import rel_err, tiny_gpt2
 
 
 class SelfAttention(nn.Module):
@@ -181,6 +181,27 @@ def test_a_text_model_at_three_lengths_compiles_a_static_then_one_dynamic_graph(
     if capture == "dynamo":
         assert any("args[0] dims [1]" in n for n in report.notes), report.notes
     assert not hasattr(x, "_dynamo_weak_dynamic_indices"), "the dynamic mark leaked onto the caller's tensor"
+
+
+def test_a_kv_cache_object_grows_dynamic_after_its_second_length():
+    """Decoding with transformers' cache object (tensors in a list of layer objects): its length is
+    found and marked, so the steps after the second reuse one dynamic graph (no recompile limit)."""
+    transformers = pytest.importorskip("transformers")
+    lm = transformers.GPT2LMHeadModel(tiny_gpt2(use_cache=True).config).eval()
+    fast = attncomp.optimize(lm)
+    ids = torch.randint(0, 128, (1, 8))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        past, cur, steps = None, ids, []
+        for _ in range(10):
+            out = fast(cur, past_key_values=past, use_cache=True)
+            past, cur = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            steps.append(cur)
+        ref = lm.generate(ids, max_new_tokens=10, do_sample=False)
+    assert torch.equal(torch.cat([ids, *steps], 1), ref)
+    report = attncomp.explain(fast)
+    assert report.graphs == 3 and report.dynamic_graphs == 1, report  # prefill, step 1, then dynamic
+    assert any("past_key_values" in n for n in report.notes), report.notes
 
 
 @pytest.mark.parametrize("capture", ["dynamo", "modules"])

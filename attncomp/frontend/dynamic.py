@@ -26,7 +26,8 @@ from collections.abc import Iterator
 
 import torch
 
-MAX_DEPTH = 3  # nesting of tuples / lists / dicts searched for input tensors (e.g. a KV cache)
+SHOWN = 4  # inputs named in the explain note
+MAX_DEPTH = 6  # nesting searched for input tensors: (args, kwargs) → a cache object → its layers → tensors
 
 
 def _compile_params() -> set[str]:
@@ -74,19 +75,31 @@ def limit_hits() -> int:
     once: it then runs eagerly without counting again)."""
     from torch._dynamo.utils import counters
 
-    return sum(n for k, n in counters["unimplemented"].items()
-               if "recompile limit" in k.lower() or "recompile_limit" in k or "cache_size_limit" in k)
+    return sum(n for k, n in counters["unimplemented"].items() if _is_limit(k.lower()))
+
+
+def _is_limit(reason: str) -> bool:
+    """A graph-break reason of a recompile-limit hit, as torch releases word it ("Dynamo recompile limit
+    exceeded", "... cache limit exceeded", "cache_size_limit reached")."""
+    return "limit" in reason and ("recompile" in reason or "cache" in reason)
 
 
 def _tensors(x, key: tuple, depth: int = 0) -> Iterator[tuple[tuple, torch.Tensor]]:
-    """(position, tensor) for each tensor in ``x`` (nested tuples, lists and dicts)."""
+    """(position, tensor) for each tensor in ``x``: nested tuples, lists, dicts and the attributes
+    of plain objects (a KV cache object: transformers' ``DynamicCache`` holds its tensors in a list
+    of layer objects), not inside modules."""
     if isinstance(x, torch.Tensor):
         yield key, x
-    elif depth < MAX_DEPTH and isinstance(x, (tuple, list)):
+    elif depth >= MAX_DEPTH or x is None or isinstance(x, (int, float, str, bool, torch.nn.Module)):
+        return
+    elif isinstance(x, (tuple, list)):
         for i, a in enumerate(x):
             yield from _tensors(a, key + (i,), depth + 1)
-    elif depth < MAX_DEPTH and isinstance(x, dict):
+    elif isinstance(x, dict):
         for k, a in x.items():
+            yield from _tensors(a, key + (k,), depth + 1)
+    elif hasattr(x, "__dict__") and not isinstance(x, type):
+        for k, a in vars(x).items():
             yield from _tensors(a, key + (k,), depth + 1)
 
 
@@ -123,7 +136,8 @@ class ShapeTracker:
         if not self.dynamic:
             return None
         parts = [f"{_label(k)} dims {sorted(d)}" for k, d in self.dynamic.items()]
-        return "dynamic input dimensions (varied between calls): " + ", ".join(parts)
+        more = f", … ({len(parts)} inputs)" if len(parts) > SHOWN else ""
+        return "dynamic input dimensions (varied between calls): " + ", ".join(parts[:SHOWN]) + more
 
 
 def _label(key: tuple) -> str:

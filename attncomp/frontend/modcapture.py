@@ -21,6 +21,13 @@ one in the model and passes it down) reaches the rewrite as a run-time tensor in
 proved causal or key padding from the ops that built it; ``capture="dynamo"`` proves those. Linear
 attention written without a softmax is not found here (``capture="dynamo"`` finds it). Instances
 that Dynamo must specialise (a KV cache indexed by the layer number) are traced once each.
+
+Shapes: each owner instance keeps its own :class:`attncomp.frontend.dynamic.ShapeTracker`, seeded
+with the inputs it ran at in the discovery call; an input dimension is marked dynamic only once that
+instance has seen it vary. Instances of one class at different sizes (the stages of a Swin-like
+model) each get a static graph instead of making the class's graph symbolic. A compile past the
+capture budget (:mod:`attncomp.frontend.budget`) makes that owner, and every owner after it, run as
+written (:attr:`ModuleCapture.abandoned`).
 """
 
 from __future__ import annotations
