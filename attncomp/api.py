@@ -95,7 +95,9 @@ class OptimizedModel(nn.Module):
                 out = run(*args, **kwargs)
         except budget.CaptureBudgetExceeded:
             self._abandon()
-            return self._run_eager(args, kwargs)  # nothing of the call ran compiled but what Dynamo traced
+            # the interrupted call runs again as written (a model with graph breaks may have run the graphs
+            # before the interrupted frame already)
+            return self._run_eager(args, kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None)
             if isinstance(inner, ValueError) and str(inner).startswith("attncomp:"):
@@ -138,7 +140,7 @@ class OptimizedModel(nn.Module):
         warnings.warn(f"attncomp: {self._limit_note}", stacklevel=4)
 
     @property
-    def notes(self) -> list[str]:
+    def capture_notes(self) -> list[str]:
         """Lines for ``explain``: an abandoned capture, a recompile limit hit, the dynamic dims."""
         lines = [x for x in (self._abandoned, self._limit_note) if x is not None]
         shapes = self._shapes.describe()
@@ -328,7 +330,7 @@ class Report:
 def explain(model) -> Report:
     """The explain report of a model returned by :func:`optimize` (or a rewritten GraphModule)."""
     if isinstance(model, OptimizedModel):
-        notes = (model._modcap.summary() if model._modcap is not None else []) + model.notes
+        notes = (model._modcap.summary() if model._modcap is not None else []) + model.capture_notes
         rows = model.records
         if model._abandoned is not None:  # sites of graphs compiled before the budget ran out run eagerly too
             rows = [dataclasses.replace(r, status="left", reason=model._abandoned) for r in rows]

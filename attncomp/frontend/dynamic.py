@@ -9,7 +9,7 @@ Dynamo silently runs the rest eagerly. Here:
 
 * :func:`compile_options` — every attncomp ``torch.compile`` gets ``dynamic=False`` (Dynamo's
   automatic dynamic off: attncomp decides) and, where torch has it, ``isolate_recompiles=True``
-  (its own recompile counter); on a torch without it, :func:`recompile_room` raises the limit
+  (its own recompile counter); on a torch without it, :func:`shared_room` raises the limit
   around the model's calls by the graphs other optimized models left on shared code.
 * :class:`ShapeTracker` — a dimension of an input becomes dynamic
   (``torch._dynamo.maybe_mark_dynamic``) only once *this* model has been called with it at two
