@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from attncomp import backend as backend_mod
 from attncomp.backend import AttncompBackend
 from attncomp.distributed import ContextParallel
+from attncomp.frontend import budget, dynamic
 from attncomp.frontend import capture as C
 from attncomp.frontend.modcapture import ModuleCapture
 from attncomp.frontend.rules import ROOT_LABEL, label_module_paths
@@ -26,12 +30,22 @@ class OptimizedModel(nn.Module):
     hooks) holding the *same* parameter and buffer tensors, so training either one updates both
     and the original's behaviour never changes. ``state_dict`` / ``load_state_dict`` use the
     original model's keys.
+
+    Dynamo state is this model's own: its input dimensions become dynamic only once *it* has been
+    called with them at two sizes (:class:`attncomp.frontend.dynamic.ShapeTracker`), its compiles
+    have their own recompile counter, and one call's compiles are bounded by ``capture_budget``
+    seconds (:mod:`attncomp.frontend.budget`), past which the model runs as written.
     """
 
-    def __init__(self, model: nn.Module, strategy, capture: str, verify: bool = True, context_parallel=None):
+    def __init__(self, model: nn.Module, strategy, capture: str, verify: bool = True, context_parallel=None,
+                 capture_budget: float | None = None):
         super().__init__()
         self.model = C.clone_structure(model)
         self.capture = capture
+        self.capture_budget = budget.resolve(capture_budget)
+        self._shapes = dynamic.ShapeTracker()
+        self._abandoned: str | None = None  # why the capture was given up (the model then runs eagerly)
+        self._limit_note: str | None = None  # Dynamo's recompile limit was hit (warned once)
         self.verify, self.context_parallel = verify, context_parallel
         self.backend = AttncompBackend(strategy, verify=verify, context_parallel=context_parallel)
         self.backend.root = self.model  # Dynamo compiles self.model: its names are the model's
@@ -45,7 +59,8 @@ class OptimizedModel(nn.Module):
     # -- capture -------------------------------------------------------------------------------
     def _build(self, args: tuple, kwargs: dict) -> None:
         if self.capture == "dynamo":
-            object.__setattr__(self, "_runner", torch.compile(self.model, backend=self.backend))
+            compiled = torch.compile(self.model, backend=self.backend, **dynamic.compile_options())
+            object.__setattr__(self, "_runner", compiled)
             return
         if kwargs:
             raise ValueError(f"capture={self.capture!r} takes positional inputs only; got keyword "
@@ -61,7 +76,10 @@ class OptimizedModel(nn.Module):
         self.graph_module = gm
 
     def forward(self, *args, **kwargs):
-        if self._modcap is not None:
+        if self._abandoned is not None:
+            return self._run_eager(args, kwargs)
+        marks = []
+        if self._modcap is not None:  # owners track their own input shapes (modcapture)
             run = self.model if self._modcap.first_done else self._modcap.first_call
         else:
             if self._runner is None:
@@ -69,9 +87,17 @@ class OptimizedModel(nn.Module):
             if self.capture != "dynamo":
                 return self._runner(*args)
             run = self._runner
-        before = C.graph_break_count()
+            marks = self._shapes.observe(args, kwargs)
+        before, hits = C.graph_break_count(), dynamic.limit_hits()
         try:
-            out = run(*args, **kwargs)
+            with (budget.watch(self.capture_budget) as watch, dynamic.marked(marks),
+                  dynamic.shared_room(backend_mod.STATS["graphs"] - self.graphs)):
+                out = run(*args, **kwargs)
+        except budget.CaptureBudgetExceeded:
+            self._abandon()
+            # the interrupted call runs again as written (a model with graph breaks may have run the graphs
+            # before the interrupted frame already)
+            return self._run_eager(args, kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None)
             if isinstance(inner, ValueError) and str(inner).startswith("attncomp:"):
@@ -84,7 +110,41 @@ class OptimizedModel(nn.Module):
             self._raise_eager_error(args, kwargs)
             raise
         self.graph_breaks += C.graph_break_count() - before
+        if (watch is not None and watch.exceeded()) or (self._modcap is not None and self._modcap.abandoned):
+            self._abandon()  # this call finished (owners past the budget ran eagerly); the next run eagerly
+        if dynamic.limit_hits() > hits:
+            self._warn_limit()
         return out
+
+    def _run_eager(self, args: tuple, kwargs: dict):
+        """The wrapped model as written (no Dynamo, no compiled owners)."""
+        with self._modcap.eager() if self._modcap is not None else contextlib.nullcontext():
+            return self.model(*args, **kwargs)
+
+    def _abandon(self) -> None:
+        """The capture ran past its budget: from now on the model runs eagerly (one warning)."""
+        if self._abandoned is None:
+            self._abandoned = budget.reason(self.capture_budget)
+            warnings.warn(f"attncomp: {self._abandoned}", stacklevel=4)
+
+    def _warn_limit(self) -> None:
+        """Dynamo gave up on a frame of this model for its recompile limit: warn once, note it."""
+        if self._limit_note is not None:
+            return
+        name = dynamic.limit_name()
+        self._limit_note = (f"Dynamo hit its recompile limit (torch._dynamo.config.{name}="
+                            f"{getattr(torch._dynamo.config, name)}) while running this model: the frame it "
+                            "gave up on runs eagerly from now on, its attention sites unoptimized. The model "
+                            "recompiles on (nearly) every call (new shapes or other guard failures: "
+                            "TORCH_LOGS=recompiles names them); raise the limit if that is expected")
+        warnings.warn(f"attncomp: {self._limit_note}", stacklevel=4)
+
+    @property
+    def capture_notes(self) -> list[str]:
+        """Lines for ``explain``: an abandoned capture, a recompile limit hit, the dynamic dims."""
+        lines = [x for x in (self._abandoned, self._limit_note) if x is not None]
+        shapes = self._shapes.describe()
+        return lines + ([shapes] if shapes else [])
 
     def _raise_eager_error(self, args: tuple, kwargs: dict) -> None:
         """Run the wrapped model eagerly on inputs Dynamo could not trace; its error (if any) is raised
@@ -105,7 +165,8 @@ class OptimizedModel(nn.Module):
         # is of the model as written, and captures on its own first call
         with self._modcap.eager():
             model = copy.deepcopy(self.model, memo)
-        twin = OptimizedModel(model, self.backend.strategy, self.capture, self.verify, self.context_parallel)
+        twin = OptimizedModel(model, self.backend.strategy, self.capture, self.verify, self.context_parallel,
+                              self.capture_budget)
         memo[id(self)] = twin
         twin.training = self.training  # the copied modules keep their own flags
         return twin
@@ -130,10 +191,16 @@ class OptimizedModel(nn.Module):
             return sum(b.graphs for b in self._modcap.backends)
         return self.backend.graphs if self.capture == "dynamo" else int(self._runner is not None)
 
+    @property
+    def dynamic_graphs(self) -> int:
+        """Of :attr:`graphs`, those Dynamo traced with symbolic sizes (dynamic shapes)."""
+        backends = self._modcap.backends if self._modcap is not None else [self.backend]
+        return sum(b.dynamic_graphs for b in backends)
+
 
 def optimize(model: nn.Module, strategy="auto", example_inputs=None, capture: str = "dynamo",
              example_kwargs: dict | None = None, tolerance: float | None = None, verify: bool = True,
-             context_parallel=None) -> OptimizedModel:
+             context_parallel=None, capture_budget: float | None = None) -> OptimizedModel:
     """Return a new module whose attention runs on attncomp kernels; ``model`` is not changed.
 
     Args:
@@ -163,6 +230,15 @@ def optimize(model: nn.Module, strategy="auto", example_inputs=None, capture: st
             global position ids) in ``layout`` (``"contiguous"`` or ``"zigzag"``,
             :func:`attncomp.distributed.shard`). A site that cannot run as ring attention raises
             ``ValueError`` naming it.
+        capture_budget: seconds that the Dynamo compiles of one call of the optimized model may take
+            (``capture="dynamo"`` and ``"modules"``); default ``$ATTNCOMP_CAPTURE_BUDGET``, else
+            120; ``float("inf")`` for none. A capture past it is stopped (within the trace) and the
+            model runs as written from then on, with one warning and the reason in ``explain``.
+
+    Dynamo is managed per optimized model: an input dimension becomes dynamic only once this model
+    has been called with it at two sizes (so a text model called at three lengths compiles two
+    graphs, static then dynamic), and other optimized models of the same class (which share its
+    ``forward`` code) neither make its dimensions dynamic nor use up its recompile limit.
 
     Parameters and buffers are shared with ``model``, not copied.
     """
@@ -176,7 +252,7 @@ def optimize(model: nn.Module, strategy="auto", example_inputs=None, capture: st
     if not isinstance(verify, bool):
         raise TypeError(f"verify must be True or False, got {verify!r}")
     ContextParallel.of(context_parallel)  # validates
-    fast = OptimizedModel(model, strategy, capture, verify, context_parallel)
+    fast = OptimizedModel(model, strategy, capture, verify, context_parallel, capture_budget)
     if example_inputs is not None:
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
@@ -195,7 +271,11 @@ class Report:
     graph_breaks: int = 0
     graphs: int = 0
     autotune_failures: list[dict] = field(default_factory=list)  # failed candidates (autotune.FAILURES)
-    notes: list[str] = field(default_factory=list)  # capture="modules": the owner classes and their graphs
+    # the owner classes and their graphs (capture="modules"), an abandoned capture, a recompile limit
+    # hit, the input dimensions made dynamic
+    notes: list[str] = field(default_factory=list)
+    abandoned: str | None = None  # why the capture was given up (the model runs as written)
+    dynamic_graphs: int = 0  # of the graphs, those traced with symbolic sizes
 
     @property
     def replaced(self) -> list[SiteRecord]:
@@ -233,11 +313,13 @@ class Report:
         out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
         out += [fmt.format(*map(str, x)) for x in lines]
         if not self.rows:
+            yet = self.graphs == 0 and self.abandoned is None
             out.append("(no attention sites found" + (" yet: call the model once or pass example_inputs)"
-                                                      if self.graphs == 0 else ")"))
+                                                      if yet else ")"))
         kept = f"{len(self.kept)} kept (nothing to gain), " if self.kept else ""
+        dyn = f" ({self.dynamic_graphs} with dynamic shapes)" if self.dynamic_graphs else ""
         out.append(f"{len(self.replaced)} replaced, {kept}{len(self.left)} left; capture={self.capture}, "
-                   f"graphs={self.graphs}, graph breaks={self.graph_breaks}")
+                   f"graphs={self.graphs}{dyn}, graph breaks={self.graph_breaks}")
         out += self.notes
         if self.graphs > 1 and self.capture == "dynamo":
             out.append("(Dynamo compiled several graphs — e.g. new shapes or grad modes — and each row shows "
@@ -254,6 +336,10 @@ class Report:
 def explain(model) -> Report:
     """The explain report of a model returned by :func:`optimize` (or a rewritten GraphModule)."""
     if isinstance(model, OptimizedModel):
-        notes = model._modcap.summary() if model._modcap is not None else []
-        return Report(model.records, model.capture, model.graph_breaks, model.graphs, list(autotune.FAILURES), notes)
+        notes = (model._modcap.summary() if model._modcap is not None else []) + model.capture_notes
+        rows = model.records
+        if model._abandoned is not None:  # sites of graphs compiled before the budget ran out run eagerly too
+            rows = [dataclasses.replace(r, status="left", reason=model._abandoned) for r in rows]
+        return Report(rows, model.capture, model.graph_breaks, model.graphs, list(autotune.FAILURES), notes,
+                      abandoned=model._abandoned, dynamic_graphs=model.dynamic_graphs)
     raise TypeError(f"explain expects a model returned by attncomp.optimize, got {type(model).__name__}")

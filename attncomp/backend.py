@@ -15,11 +15,14 @@ attention sites with the same rules and passes as :func:`attncomp.optimize`
 Options: ``torch.compile(m, backend="attncomp", options={"inner": "eager", "strategy": "dense"})``;
 other keys are passed to Inductor as config patches (``{"max_autotune": True}``).
 
-Dynamic shapes: the rewrite does not specialise on sizes, so after Dynamo's automatic-dynamic
-recompile a new sequence length reuses the graph; attncomp's Triton kernels are keyed on
+Dynamic shapes: the rewrite does not specialise on sizes, so after a dynamic recompile (Dynamo's
+automatic dynamic under ``torch.compile``; under :func:`attncomp.optimize`, attncomp's own marks,
+:mod:`attncomp.frontend.dynamic`) a new sequence length reuses the graph; attncomp's Triton kernels are keyed on
 compile-time flags only, and their tuned configs on power-of-two shape buckets. With
 ``inner="eager"`` a mask of such a graph is proved at its example shape and checked by the kernel
-on every call (``rewrite(..., checked_masks=True)``); under Inductor it stays a tensor.
+on every call (``rewrite(..., checked_masks=True)``); under Inductor it stays a tensor. ``dynamic_graphs`` counts
+the graphs traced with symbolic sizes. Inside an optimized model's call the backend is a safe point
+to stop a capture past its time budget (:func:`attncomp.frontend.budget.check`).
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
+import torch
 from torch import fx, nn
 
 from attncomp.distributed import ContextParallel
+from attncomp.frontend import budget
 from attncomp.frontend.rules import label_module_paths
 from attncomp.rewrite import SiteRecord, rewrite
 from attncomp.strategies import parse
@@ -73,6 +78,13 @@ def _no_size_guards(example_inputs):
         yield
 
 
+def _symbolic(example_inputs) -> bool:
+    """Some graph input has a symbolic size (the graph was traced with dynamic shapes)."""
+    return any(isinstance(e, torch.SymInt) or (isinstance(e, torch.Tensor) and
+                                               any(isinstance(s, torch.SymInt) for s in e.shape))
+               for e in example_inputs)
+
+
 class AttncompBackend:
     """A Dynamo backend bound to a strategy and an inner compiler; keeps every site decision for
     ``explain`` (``records``) and counts the graphs it compiled (``graphs``)."""
@@ -92,6 +104,7 @@ class AttncompBackend:
         self.verify = verify and inner == "eager"
         self.context_parallel = ContextParallel.of(context_parallel)
         self.graphs = 0
+        self.dynamic_graphs = 0  # of them, graphs with symbolic sizes (dynamic shapes)
         self.records: dict[tuple, SiteRecord] = {}
         # The module Dynamo compiles (set by attncomp.optimize): site paths are resolved against it,
         # so they are the model's own names. Without it (torch.compile(backend="attncomp")), they
@@ -112,8 +125,11 @@ class AttncompBackend:
         return gm
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
+        budget.check()  # an optimized model's capture past its time budget stops here (after tracing)
+        self.dynamic_graphs += _symbolic(example_inputs)
         with _no_size_guards(example_inputs):
             gm = self.rewrite(gm)
+        budget.check()
         if self.inner == "inductor" and self.inner_options:
             from torch._inductor.compile_fx import compile_fx
 

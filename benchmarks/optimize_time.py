@@ -27,6 +27,16 @@ use in the process included):
 
 Within each the time spent in attncomp's graph rewrite (match, mask proofs, planning) is measured
 apart by timing ``AttncompBackend.rewrite``. Writes ``optimize_time.json``.
+
+    python benchmarks/optimize_time.py --two-models [--sizes 64 32] [--out DIR]
+
+Two models of one family, one process: a small Swin-like vision model (3 stages of window
+attention, the same module classes at every image size) optimized at ``sizes[0]``, then another at
+``sizes[1]`` — the second capture timed, against the same capture alone in its process (Dynamo's
+one-time start-up paid before either, untimed). Each with ``capture="dynamo"`` and ``"modules"``,
+and each once with attncomp's management of Dynamo's state (:mod:`attncomp.frontend.dynamic`) and
+once with Dynamo's defaults (``dynamo_defaults``: per-code automatic dynamic, which makes the second
+model's sizes symbolic). Writes ``optimize_time_two_models.json``.
 """
 
 from __future__ import annotations
@@ -111,14 +121,137 @@ def scenario(name: str, layers: int, L: int, use_cache: bool) -> dict:
     return res
 
 
+def window_net(dim: int = 16, depth: int = 2, stages: int = 3):
+    """A Swin-like model on images (B, 3, S, S), S a multiple of 8·2^(stages-1): patch embedding,
+    ``stages`` stages of ``depth`` blocks of 4×4 window attention (learned bias), patch merging."""
+    import torch
+    from torch import nn
+
+    class WindowAttention(nn.Module):
+        def __init__(self, c, heads=2, ws=4):
+            super().__init__()
+            self.h, self.ws = heads, ws
+            self.qkv, self.proj = nn.Linear(c, 3 * c), nn.Linear(c, c)
+            self.bias = nn.Parameter(torch.zeros(heads, ws * ws, ws * ws))
+
+        def forward(self, x):  # (B, H, W, C)
+            B, H, W, C = x.shape
+            ws, N = self.ws, self.ws * self.ws
+            x = x.view(B, H // ws, ws, W // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, N, C)
+            q, k, v = self.qkv(x).reshape(-1, N, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4)
+            a = ((q * (C // self.h) ** -0.5) @ k.transpose(-2, -1) + self.bias).softmax(-1)
+            x = self.proj((a @ v).transpose(1, 2).reshape(-1, N, C))
+            return x.view(B, H // ws, W // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.norm, self.attn, self.mlp = nn.LayerNorm(c), WindowAttention(c), nn.Linear(c, c)
+
+        def forward(self, x):
+            x = x + self.attn(self.norm(x))
+            return x + self.mlp(x)
+
+    class Merge(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.reduce = nn.Linear(4 * c, 2 * c)
+
+        def forward(self, x):
+            B, H, W, C = x.shape
+            return self.reduce(x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Conv2d(3, dim, 2, 2)
+            layers: list[nn.Module] = []
+            for i in range(stages):
+                layers += [Block(dim * 2 ** i) for _ in range(depth)]
+                if i < stages - 1:
+                    layers.append(Merge(dim * 2 ** i))
+            self.layers = nn.Sequential(*layers)
+
+        def forward(self, img):
+            return self.layers(self.embed(img).permute(0, 2, 3, 1)).mean((1, 2))
+
+    return Net
+
+
+TWO_MODELS = [(name, capture, defaults) for capture in ("dynamo", "modules") for defaults in (False, True)
+              for name in ("alone", "second")]
+
+
+def two_models(name: str, capture: str, dynamo_defaults: bool, sizes: list[int]) -> dict:
+    """Run in the child process: the second model's capture, alone or after the first."""
+    import torch
+
+    import attncomp
+    from attncomp.frontend import dynamic, modcapture
+
+    if dynamo_defaults:  # before attncomp managed Dynamo's state: Dynamo's own defaults, no marks
+        modcapture.compile_options = dynamic.compile_options = lambda: {}
+        dynamic.ShapeTracker.observe = lambda self, args, kwargs: []
+    Net = window_net()
+    first, second = (torch.randn(1, 3, s, s) for s in sizes)
+
+    def optimize(x):
+        with torch.no_grad():
+            return attncomp.optimize(Net().eval(), example_inputs=(x,), capture=capture)
+
+    optimize(second)  # Dynamo's one-time start-up (lazy imports), untimed
+    torch._dynamo.reset()
+    if name == "second":
+        optimize(first)
+    t0 = time.perf_counter()
+    fast = optimize(second)
+    seconds = time.perf_counter() - t0
+    report = attncomp.explain(fast)
+    return {"scenario": name, "capture": capture, "dynamo_defaults": dynamo_defaults, "sizes": sizes,
+            "seconds": round(seconds, 3), "graphs": report.graphs, "dynamic_graphs": report.dynamic_graphs,
+            "sites": f"{len(report.replaced)} replaced, {len(report.left)} left"}
+
+
+def main_two_models(args) -> int:
+    results = []
+    for name, capture, defaults in TWO_MODELS:
+        proc = subprocess.run([sys.executable, __file__, "--two-models", "--child", f"{name}:{capture}:{int(defaults)}",
+                               "--sizes", *map(str, args.sizes)], capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode != 0:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+            return 1
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), flush=True)
+    by = {(r["scenario"], r["capture"], r["dynamo_defaults"]): r for r in results}
+    for capture in ("dynamo", "modules"):
+        for defaults, label in ((True, "Dynamo's defaults"), (False, "attncomp's Dynamo management")):
+            alone, second = by[("alone", capture, defaults)], by[("second", capture, defaults)]
+            print(f"capture={capture}, {label}: the {args.sizes[1]}px model optimized after a {args.sizes[0]}px "
+                  f"one {second['seconds']:.2f} s ({second['dynamic_graphs']} dynamic graph(s)); alone "
+                  f"{alone['seconds']:.2f} s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "optimize_time_two_models.json").write_text(json.dumps({"sizes": args.sizes, "results": results},
+                                                                 indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--L", type=int, default=128, help="sequence length of the example inputs (batch 2)")
     p.add_argument("--use-cache", action="store_true", help="keep GPT-2's KV cache on (its default)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    p.add_argument("--two-models", action="store_true", help="two window-attention models of one family (see above)")
+    p.add_argument("--sizes", type=int, nargs=2, default=[64, 32], help="--two-models: image sizes, first and second")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.two_models and args.child:
+        name, capture, defaults = args.child.split(":")
+        print(json.dumps(two_models(name, capture, defaults == "1", args.sizes)))
+        return 0
+    if args.two_models:
+        return main_two_models(args)
     if args.child:
         print(json.dumps(scenario(args.child, args.layers, args.L, args.use_cache)))
         return 0

@@ -21,6 +21,13 @@ one in the model and passes it down) reaches the rewrite as a run-time tensor in
 proved causal or key padding from the ops that built it; ``capture="dynamo"`` proves those. Linear
 attention written without a softmax is not found here (``capture="dynamo"`` finds it). Instances
 that Dynamo must specialise (a KV cache indexed by the layer number) are traced once each.
+
+Shapes: each owner instance keeps its own :class:`attncomp.frontend.dynamic.ShapeTracker`, seeded
+with the inputs it ran at in the discovery call; an input dimension is marked dynamic only once that
+instance has seen it vary. Instances of one class at different sizes (the stages of a Swin-like
+model) each get a static graph instead of making the class's graph symbolic. A compile past the
+capture budget (:mod:`attncomp.frontend.budget`) makes that owner, and every owner after it, run as
+written (:attr:`ModuleCapture.abandoned`).
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ from torch.overrides import TorchFunctionMode
 if TYPE_CHECKING:
     from attncomp.backend import AttncompBackend
 
+from attncomp.frontend.budget import CaptureBudgetExceeded
+from attncomp.frontend.dynamic import ShapeTracker, compile_options, marked, recompile_room
 from attncomp.frontend.rules import ROOT_LABEL, label_module_paths
 
 MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.bmm,
@@ -144,14 +153,20 @@ class ModuleCapture:
         self._ran: set[nn.Module] = set()  # wrapped modules whose compiled forward has run
         self._handles: dict[nn.Module, tuple] = {}  # discovery hooks, while the first call runs
         self._candidates: dict[nn.Module, list[dict]] = {}  # module → probabilities of attention inside it
+        # each owner instance's input shapes: a dim is dynamic only once that instance saw it vary (the
+        # same class at other sizes in another stage compiles its own static graph)
+        self._shapes: dict[nn.Module, ShapeTracker] = {}
+        self.abandoned = False  # a compile ran past the capture budget: the owners run as written
 
     # -- discovery ---------------------------------------------------------------------------
     def first_call(self, *args, **kwargs):
         """Run the model eagerly while finding owners; returns the model's output."""
         stack: list[nn.Module] = []
 
-        def enter(mod, args):
+        def enter(mod, args, kwargs):
             stack.append(mod)
+            # the shapes each module ran at: an owner found later in this call starts from them
+            self._shapes.setdefault(mod, ShapeTracker()).observe(args, kwargs)
 
         def leave(mod, args, out):
             while stack and stack.pop() is not mod:  # a module whose hooks were removed inside it
@@ -165,7 +180,8 @@ class ModuleCapture:
                     self._own(mod)  # the model returns them: the site stays eager, explain says why
 
         for m in self.model.modules():
-            self._handles[m] = (m.register_forward_pre_hook(enter), m.register_forward_hook(leave, always_call=True))
+            self._handles[m] = (m.register_forward_pre_hook(enter, with_kwargs=True),
+                                m.register_forward_hook(leave, always_call=True))
         self._recorder = _Recorder(stack, lambda m, probs: self._candidates.setdefault(m, []).append(probs))
         try:
             with self._recorder:
@@ -205,7 +221,7 @@ class ModuleCapture:
         if key not in self.groups:
             backend = self.make_backend()
             group = Group(type(module), backend, None)
-            group.compiled = torch.compile(type(module).forward, backend=_Relabel(group))
+            group.compiled = torch.compile(type(module).forward, backend=_Relabel(group), **compile_options())
             self.groups[key] = group
         return self.groups[key]
 
@@ -213,17 +229,26 @@ class ModuleCapture:
         group = self._group(module, path)
         group.paths.append(path)
         self.wrapped[module] = group
+        # instances Dynamo must specialise (a KV cache indexed by the layer number) each need a cache
+        # entry of the shared code; Dynamo's default limit (8) would silently run the rest eagerly
         limit_room = len(self.paths)
+        shapes = self._shapes.setdefault(module, ShapeTracker())
 
         def forward(*args, **kwargs):
             self._ran.add(module)
+            if self.abandoned:
+                return type(module).forward(module, *args, **kwargs)
             if self._handles:  # first call: Dynamo must not trace the discovery hooks inside it
                 for d in module.modules():
                     for h in self._handles.pop(d, ()) if d is not module else ():
                         h.remove()
             group.owner, group.owner_path = module, path
-            with _outside(self._recorder), _recompile_room(limit_room):
-                return group.compiled(module, *args, **kwargs)
+            try:
+                with _outside(self._recorder), recompile_room(limit_room), marked(shapes.observe(args, kwargs)):
+                    return group.compiled(module, *args, **kwargs)
+            except CaptureBudgetExceeded:  # this owner's compile ran past the budget: it and the rest run eagerly
+                self.abandoned = True
+                return type(module).forward(module, *args, **kwargs)
 
         module.__dict__["forward"] = forward
 
@@ -296,17 +321,4 @@ def _outside(recorder: _Recorder | None):
     from torch.overrides import _pop_mode_temporarily
 
     with _pop_mode_temporarily():
-        yield
-
-
-@contextlib.contextmanager
-def _recompile_room(n: int):
-    """Instances Dynamo must specialise (a KV cache indexed by the layer number) each need a cache
-    entry of the shared code; Dynamo's default limit (8) would silently run the rest eagerly."""
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    if getattr(cfg, name) >= n:
-        yield
-        return
-    with cfg.patch(**{name: n}):
         yield
