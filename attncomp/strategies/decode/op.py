@@ -128,34 +128,39 @@ def _no_backward(ctx, *grads):  # never reached: _forward_only raises first
 
 
 # ----------------------------------------------------------------------------- CPU executor
-def _visibility(kv_lens: Tensor | None, B: int, Lq: int, Lk: int, group: int, window_left: int | None,
+def _visibility(kv_lens: Tensor | None, B: int, Lq: int, Lk: int, window_left: int | None,
                 device) -> tuple[Tensor, Tensor]:
-    """For the GQA-packed rows ``r = g·Lq + i``: keep ``(B, 1, group·Lq, Lk)`` bool (key visible) and
-    dead ``(B, 1, group·Lq)`` bool (row sees no key: ``pos < 0``)."""
-    lens = (torch.full((B,), Lk, device=device) if kv_lens is None else kv_lens.long().clamp(0, Lk))
-    i = torch.arange(Lq, device=device).repeat(group)  # query index of each packed row
-    pos = (lens[:, None] - Lq + i[None, :])[:, None, :, None]  # (B, 1, R, 1)
+    """keep ``(B, 1, Lq, Lk)`` bool (key j visible from query i) and dead ``(B, 1, Lq, 1)`` bool (query i
+    sees no key: ``pos < 0``)."""
+    lens = torch.full((B,), Lk, device=device) if kv_lens is None else kv_lens.long().clamp(0, Lk)
+    pos = (lens[:, None] - Lq + torch.arange(Lq, device=device))[:, None, :, None]  # (B, 1, Lq, 1)
     j = torch.arange(Lk, device=device)
     keep = j <= pos
     if window_left is not None:
         keep = keep & (j >= pos - window_left)
-    return keep, pos[..., 0] < 0
+    return keep, pos < 0
+
+
+def _packed(x: Tensor, group: int) -> Tensor:
+    """(B, 1, Lq, n) -> the GQA-packed rows (B, 1, group·Lq, n), row g·Lq + i = row i."""
+    B, _, Lq, n = x.shape
+    return x if Lq == 1 else x[:, :, None].expand(B, 1, group, Lq, n).reshape(B, 1, group * Lq, n)
 
 
 def cpu_decode(q: Tensor, k: Tensor, v: Tensor, kv_lens: Tensor | None, scale: float, window_left: int | None,
                softcap: float) -> tuple[Tensor, Tensor]:
     """The torch executor: q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, Hq, Lq, Dv)
     in q's dtype, lse (B, Hq, Lq) f32. The query heads of a kv head are packed into the rows of one
-    (B, Hkv, Hq/Hkv·Lq, D) query (a view when q is contiguous), so K / V are read once per kv head."""
+    (B, Hkv, Hq/Hkv·Lq, D) query (a view when q is contiguous), so K / V are read once per kv head.
+    With one query, Lk keys each and no window every key is visible: no mask is built at all."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     group = Hq // Hkv
     qg = q.reshape(B, Hkv, group * Lq, D)
-    keep, dead = _visibility(kv_lens, B, Lq, Lk, group, window_left, q.device)
+    trivial = kv_lens is None and window_left is None and Lq == 1
+    keep, dead = (None, None) if trivial else _visibility(kv_lens, B, Lq, Lk, window_left, q.device)
     if softcap == 0.0 and D == Dv:
-        # one sequence, no window, one query: every key is visible, the kernel needs no mask
-        trivial = kv_lens is None and window_left is None and Lq == 1
-        mask = None if trivial else torch.zeros((), dtype=q.dtype).masked_fill(~keep, float("-inf"))
+        mask = None if trivial else torch.zeros((), dtype=q.dtype).masked_fill(~_packed(keep, group), float("-inf"))
         qg, kk, vv = (x if x.stride(-1) == 1 else x.contiguous() for x in (qg, k, v))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qg, kk, vv, 0.0, False,
                                                                               attn_mask=mask, scale=scale)
@@ -165,14 +170,17 @@ def cpu_decode(q: Tensor, k: Tensor, v: Tensor, kv_lens: Tensor | None, scale: f
         s = (qg.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
         if softcap:
             s = softcap * torch.tanh(s / softcap)
-        s = s.masked_fill(~keep, float("-inf"))
-        lse = torch.logsumexp(s, -1)
-        p = torch.exp(s - lse.masked_fill(dead, 0.0)[..., None])  # dead rows: exp(-inf) = 0
-        out = (p @ v.to(acc)).to(q.dtype)
-        lse = lse.float()
-    # rows with no visible key: out 0, lse -inf (the fused kernel leaves NaN / 0 there)
-    out = torch.where(dead[..., None], torch.zeros((), dtype=out.dtype), out)
-    lse = lse.masked_fill(dead, -math.inf)
+        if not trivial:
+            s = s.masked_fill(~_packed(keep, group), float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        p = torch.exp(s - m.masked_fill(torch.isneginf(m), 0.0))  # a row with no key: exp(-inf) = 0
+        total = p.sum(-1, keepdim=True)
+        out = ((p / total) @ v.to(acc)).to(q.dtype)
+        lse = (m + total.log()).squeeze(-1).float()
+    if dead is not None:  # rows with no visible key: out 0, lse -inf (the fused kernel leaves NaN / 0 there)
+        dead = _packed(dead, group)
+        out = torch.where(dead, torch.zeros((), dtype=out.dtype), out)
+        lse = lse.masked_fill(dead[..., 0], -math.inf)
     return out.reshape(B, Hq, Lq, Dv), lse.reshape(B, Hq, Lq)
 
 
