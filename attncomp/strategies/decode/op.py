@@ -45,6 +45,7 @@ from torch import Tensor
 
 from attncomp.runtime import validate
 from attncomp.runtime.device import use_triton
+from attncomp.strategies.decode import launcher
 
 __all__ = ["cpu_decode", "decode_attention", "decode_fwd", "decode_paged_fwd", "gather_pages",
            "paged_decode_attention"]
@@ -208,8 +209,6 @@ def decode_fwd(q: Tensor, k: Tensor, v: Tensor, kv_lens: Tensor | None, scale: f
     if validate.is_empty(q, k, v):
         return validate.empty_result(q, v)
     if use_triton(q):
-        from attncomp.strategies.decode import launcher
-
         out, lse = launcher.decode_fwd(q, k, v, kv_lens, scale, window_left, softcap, n_splits)
     else:
         out, lse = cpu_decode(q, k, v, kv_lens, scale, window_left, softcap)
@@ -235,8 +234,6 @@ def decode_paged_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_table: Te
     if q.shape[:-1].numel() == 0 or Dv == 0 or length == 0:
         return validate.empty_result(q, v_cache)
     if use_triton(q):
-        from attncomp.strategies.decode import launcher
-
         out, lse = launcher.decode_fwd(q, k_cache, v_cache, kv_lens, scale, window_left, softcap, n_splits,
                                        page_table=page_table, max_kv_len=length)
     else:
