@@ -110,6 +110,27 @@ class OptimizedModel(nn.Module):
         twin.training = self.training  # the copied modules keep their own flags
         return twin
 
+    # -- the wrapped model's attributes ---------------------------------------------------------
+    def __getattr__(self, name: str):
+        """Attributes this wrapper lacks (``config``, ``generate``, ``generation_config``, ``device``,
+        ``get_input_embeddings``, ``save_pretrained``, …) come from the wrapped model, through a view of it
+        whose calls run this optimized model (:mod:`attncomp.hf.view`): ``fast.generate(...)`` runs
+        attncomp's forward. The wrapper's own names (``model``, ``forward``, ``state_dict``, ``records``, …)
+        come first."""
+        try:
+            return super().__getattr__(name)  # parameters, buffers, submodules (nn.Module)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get("model")
+            if name.startswith("__") or inner is None:
+                raise
+        from attncomp.hf.view import view_of
+
+        try:
+            return getattr(view_of(self, inner), name)
+        except AttributeError:
+            raise AttributeError(f"'{type(self).__name__}' object and the {type(inner).__name__} it wraps have no "
+                                 f"attribute {name!r}") from None
+
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):
         return self.model.state_dict(*args, **kwargs)
