@@ -76,7 +76,9 @@ class AttncompMask:
         batch_size, q_length, kv_length: the sizes transformers asked for.
 
     ``shape`` / ``dtype`` / ``device`` answer like the ``(B, 1, Lq, Lk)`` bool mask this stands for, for
-    code that inspects the mask; indexing or arithmetic on it raises ``TypeError``.
+    code that inspects the mask; indexing or arithmetic on it raises ``TypeError``. ``generate`` with a
+    StaticCache prepares the masks before the forward and passes them back in as ``attention_mask``:
+    :func:`mask_interface` then returns that description unchanged (its sizes are checked).
     """
 
     band: Band
@@ -112,6 +114,10 @@ class AttncompMask:
     def ir(self):
         """The static IR mask over the call's local ``(i, j)``: ``Full``, ``Causal(offset)`` or ``Window``."""
         return self.band.local(self.delta)
+
+    def contiguous(self) -> AttncompMask:
+        """``self``: generate() calls ``.contiguous()`` on the masks it prepares ahead of a compiled forward."""
+        return self
 
     def __getitem__(self, item):
         raise TypeError("an attn_implementation='attncomp' mask is a description (AttncompMask), not a tensor; "
@@ -203,6 +209,12 @@ def mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
     Returns:
         an :class:`AttncompMask`; no ``(Lq, Lk)`` tensor is built.
     """
+    if isinstance(attention_mask, AttncompMask):  # prepared by generate() for this very call
+        if (attention_mask.batch_size, attention_mask.q_length, attention_mask.kv_length) != (
+                batch_size, q_length, kv_length):
+            raise ValueError(f"attncomp mask: a prepared {attention_mask} of shape {tuple(attention_mask.shape)} "
+                             f"passed for batch={batch_size}, Lq={q_length}, Lk={kv_length}")
+        return attention_mask
     if mask_function is None:
         raise ValueError("attncomp mask: transformers passed no mask_function")
     band, documents = read_mask_function(mask_function)
