@@ -15,7 +15,7 @@ The attention function (:mod:`attncomp.hf.attention`) runs attncomp's ops; the m
 
 from __future__ import annotations
 
-import importlib.abc
+import importlib
 import sys
 
 NAME = "attncomp"
@@ -57,7 +57,7 @@ def is_registered() -> bool:
             and NAME in ma.AttentionMaskInterface._global_mapping)
 
 
-class _Loader(importlib.abc.Loader):
+class _Loader:
     """Runs the real loader, then the registration; the module keeps its own loader."""
 
     def __init__(self, loader, spec, callback):
@@ -72,7 +72,7 @@ class _Loader(importlib.abc.Loader):
         self.callback(module)
 
 
-class _Finder(importlib.abc.MetaPathFinder):
+class _Finder:
     """Watches for transformers' ``modeling_utils`` / ``masking_utils`` being imported (first in
     ``sys.meta_path``; any other module name is declined at once)."""
 
