@@ -93,7 +93,8 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
             ``Lq > 1``, else full).
         scaling: score scale (default ``1/sqrt(D)``); softcap: ``softcap·tanh(s/softcap)`` when set.
         dropout: must be 0 (attncomp's ops have no attention dropout): ``NotImplementedError`` otherwise.
-        sliding_window: the layer's window (Gemma2, …); the mask already carries it, and a mismatch raises.
+        sliding_window: the layer's window (Gemma2, Qwen2, …); the mask already carries it (a layer with a
+            window whose mask has none raises ``ValueError``).
 
     Returns:
         ``(attn_output (B, Lq, Hq, Dv), None)``: no attention weights are formed.
