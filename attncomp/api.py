@@ -14,6 +14,7 @@ from attncomp.distributed import ContextParallel
 from attncomp.frontend import capture as C
 from attncomp.frontend.modcapture import ModuleCapture
 from attncomp.frontend.rules import ROOT_LABEL, label_module_paths
+from attncomp.hf.view import view_of
 from attncomp.rewrite import SiteRecord, rewrite
 from attncomp.runtime import autotune
 from attncomp.strategies import for_site, parse, with_tolerance
@@ -123,8 +124,6 @@ class OptimizedModel(nn.Module):
             inner = self.__dict__.get("_modules", {}).get("model")
             if name.startswith("__") or inner is None:
                 raise
-        from attncomp.hf.view import view_of
-
         try:
             return getattr(view_of(self, inner), name)
         except AttributeError:

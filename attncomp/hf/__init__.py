@@ -18,19 +18,18 @@ from __future__ import annotations
 import importlib
 import sys
 
+from attncomp.hf.attention import attention_forward
+from attncomp.hf.masks import mask_interface
+
 NAME = "attncomp"
 _ATTN, _MASKS = "transformers.modeling_utils", "transformers.masking_utils"
 
 
 def _register_attention(module) -> None:
-    from attncomp.hf.attention import attention_forward
-
     module.AttentionInterface.register(NAME, attention_forward)
 
 
 def _register_masks(module) -> None:
-    from attncomp.hf.masks import mask_interface
-
     module.AttentionMaskInterface.register(NAME, mask_interface)
 
 

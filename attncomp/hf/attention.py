@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from attncomp import ir
 from attncomp.hf.masks import AttncompMask
+from attncomp.strategies.sparse.masked import attention as masked_attention  # attncomp.ops.attention
 
 
 def _padding_bias(padding: Tensor | None, row: Tensor | None, like: Tensor) -> Tensor | None:
@@ -57,10 +58,8 @@ def _run(q: Tensor, k: Tensor, v: Tensor, pattern, padding: Tensor | None, scale
     """Attention over the local IR ``pattern`` (``Full`` / ``Causal`` / ``Window``) and key padding
     ``(B, Lk)`` or None; q ``(B, Hq, Lq, D)`` → ``(B, Hq, Lq, Dv)``."""
     if isinstance(pattern, ir.Window):
-        from attncomp.ops import attention
-
         keep = None if padding is None else padding[:, None, None, :]
-        return attention(q, k, v, pattern, keep=keep, scale=scale, softcap=softcap)
+        return masked_attention(q, k, v, pattern, keep=keep, scale=scale, softcap=softcap)
     offset = pattern.offset if isinstance(pattern, ir.Causal) else None
     out, _ = torch.ops.attncomp.dense_fwd(q, k, v, _padding_bias(padding, None, q), scale, offset, softcap)
     return out
@@ -125,12 +124,10 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         causal = query.shape[2] > 1 and getattr(module, "is_causal", True)
         out = _run(query, key, value, ir.Causal(0) if causal else ir.Full(), None, scale, cap)
     elif isinstance(attention_mask, Tensor) and attention_mask.dim() == 4:
-        from attncomp.ops import attention
-
         if attention_mask.dtype == torch.bool:
-            out = attention(query, key, value, keep=attention_mask, scale=scale, softcap=cap)
+            out = masked_attention(query, key, value, keep=attention_mask, scale=scale, softcap=cap)
         else:
-            out = attention(query, key, value, bias=attention_mask.to(query.dtype), scale=scale, softcap=cap)
+            out = masked_attention(query, key, value, bias=attention_mask.to(query.dtype), scale=scale, softcap=cap)
     else:
         shape = f" with shape {tuple(attention_mask.shape)}" if isinstance(attention_mask, Tensor) else ""
         raise TypeError(f"attn_implementation='attncomp' got an attention_mask of type "
