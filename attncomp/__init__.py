@@ -8,6 +8,7 @@ The submodules the README documents as attributes (``attncomp.ops.attention``,
 
 import importlib
 
+from attncomp import hf
 from attncomp.api import OptimizedModel, Report, explain, optimize
 from attncomp.ir import AttentionSpec, Plan
 from attncomp.runtime.autotune import load_cache
@@ -17,6 +18,10 @@ from attncomp.strategies import Auto, Dense, Linear, Local, Sparse, Strategy, Te
 __all__ = ["optimize", "explain", "OptimizedModel", "Report", "AttentionSpec", "Plan", "Strategy", "Auto",
            "Dense", "Local", "Sparse", "Linear", "Tensor", "set_kernels", "load_cache"]
 __version__ = "0.1.0"
+
+# attn_implementation="attncomp" in transformers: registered when transformers' modules are imported
+# (an import hook; transformers itself is not imported here), or explicitly by attncomp.hf.register()
+hf.install_hook()
 
 # Submodules reachable as ``attncomp.<name>`` after a plain ``import attncomp``. They are imported
 # on first access (PEP 562 module ``__getattr__``) rather than here: ``import attncomp`` stays as

@@ -18,6 +18,7 @@ from attncomp.frontend import budget, dynamic
 from attncomp.frontend import capture as C
 from attncomp.frontend.modcapture import ModuleCapture
 from attncomp.frontend.rules import ROOT_LABEL, label_module_paths
+from attncomp.hf.view import view_of
 from attncomp.rewrite import SiteRecord, rewrite
 from attncomp.runtime import autotune
 from attncomp.strategies import for_site, parse, with_tolerance
@@ -170,6 +171,25 @@ class OptimizedModel(nn.Module):
         memo[id(self)] = twin
         twin.training = self.training  # the copied modules keep their own flags
         return twin
+
+    # -- the wrapped model's attributes ---------------------------------------------------------
+    def __getattr__(self, name: str):
+        """Attributes this wrapper lacks (``config``, ``generate``, ``generation_config``, ``device``,
+        ``get_input_embeddings``, ``save_pretrained``, …) come from the wrapped model, through a view of it
+        whose calls run this optimized model (:mod:`attncomp.hf.view`): ``fast.generate(...)`` runs
+        attncomp's forward. The wrapper's own names (``model``, ``forward``, ``state_dict``, ``records``, …)
+        come first."""
+        try:
+            return super().__getattr__(name)  # parameters, buffers, submodules (nn.Module)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get("model")
+            if name.startswith("__") or inner is None:
+                raise
+        try:
+            return getattr(view_of(self, inner), name)
+        except AttributeError:
+            raise AttributeError(f"'{type(self).__name__}' object and the {type(inner).__name__} it wraps have no "
+                                 f"attribute {name!r}") from None
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):
