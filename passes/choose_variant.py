@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from attncomp.ir import Causal, Full, Plan, runtime_part, static_part
 from attncomp.strategies import Strategy
+from attncomp.strategies.decode.plan import decode_window
 
 KEPT_REASON = ("kept: the site is one SDPA call with no mask tensor, already torch's fused kernel "
                "with nothing to skip; attncomp would only add overhead")
@@ -20,6 +21,9 @@ def choose_variant(plan: Plan, requested: Strategy) -> Plan:
         return plan.with_(variant="strategy")
     if plan.strategy not in ("dense", "sparse", "local") or spec.contract != "exact":
         return plan.with_(variant="strategy")
+    if requested.name in ("auto", "dense") and not spec.score.bias and decode_window(spec) is not None:
+        return plan.with_(strategy="dense", variant="decode", reasons=(
+            f"{requested.name}: decode, {spec.dims.Lq} queries against {spec.dims.Lk} keys: the split-KV kernel",))
     if spec.fused_eager and requested.name == "auto":
         return plan.with_(variant="kept", reasons=(KEPT_REASON,))
     if plan.strategy != "dense":

@@ -26,11 +26,11 @@ from attncomp.ir.masks import (
     runtime_part,
     static_part,
 )
-from attncomp.ir.plan import Plan, Tiling
+from attncomp.ir.plan import REDUCTIONS, VARIANTS, Plan
 from attncomp.ir.spec import AttentionSpec, Dims, LinearForm, Score, TensorForm
 
 __all__ = [
     "And", "BlockDiagonal", "Causal", "Full", "Grid", "Mask", "Neighborhood", "Or", "Predicate", "Prefix",
-    "STATIC", "TensorMask", "Window", "mask_and", "runtime_part", "static_part", "Plan", "Tiling",
+    "STATIC", "TensorMask", "Window", "mask_and", "runtime_part", "static_part", "Plan", "REDUCTIONS", "VARIANTS",
     "AttentionSpec", "Dims", "LinearForm", "Score", "TensorForm",
 ]

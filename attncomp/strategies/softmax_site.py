@@ -25,6 +25,8 @@ from attncomp.runtime.approx import Approximation
 from attncomp.runtime.site import EagerThisCall as _EagerThisCall
 from attncomp.runtime.site import SiteModule, Unsupported, kernel_failed
 from attncomp.strategies import REGISTRY
+from attncomp.strategies.decode import op as decode_op
+from attncomp.strategies.decode.plan import decode_window
 from attncomp.strategies.dense import op as runtime
 from attncomp.strategies.linear.op import linear_attention
 from attncomp.strategies.sparse import op as sparse_op
@@ -196,6 +198,7 @@ class AttentionKernel(Approximation, SiteModule):
         self.run_hook = strategy_run(plan.strategy)  # a registered strategy's own op (looked up once)
         self.expr = self.static.expr() if masks else None
         self.block_sizes: dict = {}  # block-sparse tile sizes per call shape (choose_blocks, once each)
+        self.decode_window = decode_window(plan.spec) if plan.variant == "decode" else None
         # a program with no run-time operand folds once, here: (scale, bias, keep, fill) of every call
         self.folded = None if _reads_terms(steps) else replay(steps, (), (), None)
         # the proved masks' run-time part is key padding ((B, 1, 1, Lk) keep): hidden keys are hidden from
@@ -272,7 +275,9 @@ class AttentionKernel(Approximation, SiteModule):
             return out.reshape(*lead, q.shape[-2], v.shape[-1])
         if self.approx_active():
             return self._approximate(q4, k4, v4, float(scale)).reshape(*lead, q.shape[-2], v.shape[-1])
-        if self.masks:
+        if self.plan.variant == "decode":
+            out = self._decode(q4, k4, v4, float(scale))
+        elif self.masks:
             out = self._masked(q4, k4, v4, add4, float(scale), terms)
         else:
             out, _ = runtime.run(q4, k4, v4, add4, float(scale), causal, 0.0, exact_lse=False)  # lse unused
@@ -287,6 +292,20 @@ class AttentionKernel(Approximation, SiteModule):
         if self.approx_pending():
             out = self._measure(out, self._approximate(q4, k4, v4, float(scale)))
         return out.reshape(*lead, q.shape[-2], v.shape[-1])
+
+    def _decode(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        """The decode variant: the split-KV kernel with ``plan.splits`` splits (inference); a call that
+        needs gradients runs the dense kernel with the same bottom-right causal mask."""
+        (window_left,) = self.decode_window
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            offset = k.shape[2] - q.shape[2]
+            bias = None
+            if window_left is not None:
+                i, j = torch.arange(q.shape[2], device=q.device)[:, None], torch.arange(k.shape[2], device=q.device)
+                bias = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(j < i + offset - window_left,
+                                                                                  -math.inf)
+            return runtime.run(q, k, v, bias, scale, offset, 0.0)[0]
+        return decode_op.decode_fwd(q, k, v, None, scale, window_left, 0.0, self.plan.splits)[0]
 
     def _unmasked_keys(self, q: Tensor, k: Tensor, keep: Tensor) -> Tensor:
         """k ``(B, Hkv, Lk, D)`` for a call whose run-time mask ``keep`` is folded into an additive shift.

@@ -176,11 +176,12 @@ def test_sliding_window_sync_free_and_no_score_sized_tensors():
 # ------------------------------------------------------------------------------------------------
 
 DIMS = Dims(B=2, Hq=4, Hkv=2, Lq=64, Lk=64, Dk=16, Dv=16)
+DECODE = Dims(B=2, Hq=8, Hkv=2, Lq=1, Lk=2048, Dk=64, Dv=64)
 PAD = TensorMask("bool", None, "key_padding")
 
 
-def _spec(mask=None, bias=(), fused_eager=False):
-    return AttentionSpec(dims=DIMS, score=Score(scale=0.25, bias=bias), mask=Full() if mask is None else mask,
+def _spec(mask=None, bias=(), fused_eager=False, dims=DIMS):
+    return AttentionSpec(dims=dims, score=Score(scale=0.25, bias=bias), mask=Full() if mask is None else mask,
                          fused_eager=fused_eager,
                          empty_rows="zero" if fused_eager else "nan")
 
@@ -195,12 +196,21 @@ def _spec(mask=None, bias=(), fused_eager=False):
     (_spec(mask_and(Window(15, 0), PAD)), "auto", "local", "block-sparse"),
     (_spec(Causal(0), bias=("tensor",)), "auto", "dense", "dense"),
     (_spec(TensorMask("bool", (2, 1, 64, 64))), "auto", "dense", "dense"),
+    (_spec(fused_eager=True, dims=DECODE), "auto", "dense", "decode"),
+    (_spec(Causal(2044), dims=Dims(2, 8, 2, 4, 2048, 64, 64)), "auto", "dense", "decode"),  # bottom-right
+    (_spec(Window(127, 2044), dims=Dims(2, 8, 2, 4, 2048, 64, 64)), "auto", "dense", "decode"),
+    (_spec(Causal(0), dims=Dims(2, 8, 2, 4, 2048, 64, 64)), "auto", "dense", "dense-causal"),  # top-left: not decode
+    (_spec(mask_and(Causal(2047), PAD), dims=DECODE), "auto", "dense", "dense-padding"),
 ], ids=["sdpa-no-mask", "sdpa-no-mask-dense-asked", "causal", "causal-padding", "padding", "window",
-        "window-padding", "causal-bias", "tensor-mask"])
+        "window-padding", "causal-bias", "tensor-mask", "decode-one-query", "decode-causal", "decode-window",
+        "top-left-causal", "decode-padding"])
 def test_passes_decide_on_hand_built_specs(spec, requested, strategy, variant):
     plan = plan_site(spec, parse(requested))
     assert (plan.strategy, plan.variant) == (strategy, variant), plan
     assert plan.reasons, "every decision says why"
+    # a reduction order some kernel implements: split_kv only for the decode kernel
+    assert plan.reduction == ("split_kv" if variant == "decode" else "online_softmax")
+    assert (plan.splits > 0) == (variant == "decode" and spec.dims.B * spec.dims.Hkv < 200), plan
 
 
 class _Calls:
@@ -223,8 +233,17 @@ class _Calls:
             self.log.append(("sparse", expr))
             return real_sparse(q, k, v, bias, keep, expr, *args)
 
+        from attncomp.strategies.decode import op as decode_op
+
+        real_decode = decode_op.decode_fwd
+
+        def decode(q, k, v, kv_lens, scale, window_left, softcap, splits):
+            self.log.append(("decode", window_left, splits))
+            return real_decode(q, k, v, kv_lens, scale, window_left, softcap, splits)
+
         monkeypatch.setattr(dense_op, "run", run)
         monkeypatch.setattr(sparse_op, "run", sparse)
+        monkeypatch.setattr(decode_op, "decode_fwd", decode)
 
 
 def _reference(q, k, v, visible, scale):
@@ -266,3 +285,23 @@ def eval_mask(static, i):
     from attncomp.masks.blocks import dense_keep
 
     return dense_keep(static.expr(), len(i), len(i), "cpu")
+
+
+@torch.no_grad()
+def test_runtime_executes_the_planned_decode(monkeypatch):
+    """A window ending at the last key, 4 queries against 512 keys: the decode kernel, with the window
+    and the split count the passes chose, and the same result as the masked reference."""
+    dims = Dims(1, 4, 2, 4, 512, 16, 16)
+    plan = plan_site(_spec(Window(100, 508), dims=dims), parse("auto"))
+    assert (plan.variant, plan.reduction) == ("decode", "split_kv")
+    site = AttentionKernel(plan, [Scale(0.25), ProvedMask(0)], ((), (), ()), (0.0, "const"), {}, 2, "site",
+                           masks=(KernelMask(Window(100, 508), None, None, -math.inf),))
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(1, 4, 4, 16, generator=g), torch.randn(1, 2, 512, 16, generator=g), \
+        torch.randn(1, 2, 512, 16, generator=g)
+    calls = _Calls(monkeypatch)
+    out = site(q, k, v)
+    assert calls.log == [("decode", 608, plan.splits)]
+    i, j = torch.arange(4)[:, None], torch.arange(512)[None, :]
+    visible = (j <= i + 508) & (j >= i - 100)
+    assert rel_err(out, _reference(q, k, v, visible, 0.25)) <= 1e-5

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["DEFAULT_SM_COUNT", "MAX_LQ", "MAX_SPLITS", "MIN_KEYS_PER_SPLIT", "MIN_LK", "decode_splits"]
+from attncomp.ir import Causal, Full, Window, runtime_part, static_part
+
+__all__ = ["DEFAULT_SM_COUNT", "MAX_LQ", "MAX_SPLITS", "MIN_KEYS_PER_SPLIT", "MIN_LK", "decode_splits", "decode_window"]
 
 MAX_LQ = 16  # longer query blocks fill the GPU from the query axis: the dense kernel does better
 MIN_LK = 1024  # shorter key ranges: one program per (batch, kv head) is done before a split pays
@@ -43,3 +45,24 @@ def decode_splits(Lq: int, Lk: int, Hq: int, Hkv: int, B: int, device_sm_count: 
         if efficiency(n) >= 0.85 * best:
             return n if n > 1 else 0
     return 0
+
+
+DECODE_MIN_KEYS = 256  # fewer keys: the dense kernel's one pass is as good
+
+
+def decode_window(spec) -> tuple[int | None] | None:
+    """``(window_left,)`` when ``spec`` is a decode call the split-KV kernel computes exactly — at most
+    ``decode.plan.MAX_LQ`` queries at the end of at least :data:`DECODE_MIN_KEYS` keys, seeing every
+    key up to their own position (bottom-right causal; one query: every key) or a window ending there —
+    else None. Static sizes only: the kernel places query ``i`` at ``Lk - Lq + i``."""
+    d = spec.dims
+    if not (isinstance(d.Lq, int) and isinstance(d.Lk, int)) or not (1 <= d.Lq <= MAX_LQ and d.Lk >= DECODE_MIN_KEYS):
+        return None
+    if runtime_part(spec.mask) or spec.dropout_p or spec.score.softcap:
+        return None
+    m, end = static_part(spec.mask), d.Lk - d.Lq
+    if (isinstance(m, Full) and d.Lq == 1) or m == Causal(end):
+        return (None,)
+    if isinstance(m, Window) and m.right == end and m.left is not None:
+        return (m.left + end,)
+    return None
