@@ -78,9 +78,10 @@ def _symbolic_note(site: Site, spec, uses) -> tuple[str, ...]:
     specialised (guarded) to the example shape."""
     if all(type(d) is int for o in (site.q, site.k) for d in (T.shape(o.node) or ())):
         return ()
-    if any(u.specialised for u in uses):
+    why = next((u.not_general for u in uses if u.specialised), None)
+    if why is not None:
         return (f"sizes are symbolic: the mask is specialised to {spec.dims.Lq}x{spec.dims.Lk} (guard: another "
-                "length recompiles)",)
+                f"length recompiles; not proved for every length: {why})",)
     return ("sizes are symbolic: the mask is proved for every length",)
 
 

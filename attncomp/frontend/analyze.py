@@ -112,9 +112,10 @@ class MaskUse:
     # eager form gets it rebuilt from the proof)
     src: torch.fx.Node | None = None
     src_op: str = "masked_fill"
-    # symbolic sizes the proof is specialised to (guarded to their example values); () when it holds
-    # at every shape the graph admits
+    # symbolic sizes the proof is specialised to (guarded to their example values), and why it is not
+    # proved for every length; () when it holds at every shape the graph admits
     specialised: tuple = ()
+    not_general: str = ""
 
 
 def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None,
@@ -157,7 +158,7 @@ def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None,
         if why:
             return f"a mask proved at the example shape {Lq}x{Lk} only, and {why}"
         proof = f"{fact.proof}; specialised to {Lq}x{Lk} (guard)"
-        return MaskUse(fact.static, fact.keep_src, fact.keep_fn, fill, proof, node, op, sizes)
+        return MaskUse(fact.static, fact.keep_src, fact.keep_fn, fill, proof, node, op, sizes, fact.not_general)
     if any(isinstance(s, View) for s in site.steps):
         return "the scores are viewed between the product and the softmax"
     kept, uses, refused = [], [], []

@@ -49,14 +49,23 @@ class SizeGuards:
                 self.sizes.setdefault(str(s.node.expr), s)
 
     def install(self) -> None:
-        """Guard every requested size to its example value (call outside ``suppress_guards``). Raises
-        ``RuntimeError`` when a size stays symbolic afterwards: the rewritten graph would be wrong at
-        other sizes, so it must not run."""
-        from torch.fx.experimental.symbolic_shapes import guard_int
+        """Guard every requested size to its example value (call outside ``suppress_guards``): plain
+        size symbols first, so the sizes derived from them are fixed too. Raises ``RuntimeError`` when
+        guards are suppressed here or a plain size symbol stays symbolic afterwards: the rewritten graph
+        holds at the example sizes only, so it must not run at others."""
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv, guard_int
 
-        for s in self.sizes.values():
+        if not self.sizes:
+            return
+        suppressed = getattr(ShapeEnv, "_suppress_guards_tls", None)
+        if suppressed is not None and suppressed():
+            raise RuntimeError("attncomp: guards are suppressed where the backend installs its size guards")
+        sizes = sorted(self.sizes.values(), key=lambda s: not s.node.expr.is_Symbol)
+        plain = [s for s in sizes if s.node.expr.is_Symbol]
+        for s in sizes:
             guard_int(s)
-            if not s.node.expr.is_number:
-                raise RuntimeError(f"attncomp: the guard specialising size {s} to {s.node.hint} was not installed "
-                                   "(guards suppressed?); the rewritten graph holds at that size only")
+        stuck = [s for s in plain if not s.node.expr.is_number]
+        if stuck:
+            raise RuntimeError(f"attncomp: the guards specialising sizes {stuck} to their example values were not "
+                               "installed; the rewritten graph holds at those values only")
         self.installed = True

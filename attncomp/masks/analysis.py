@@ -89,6 +89,7 @@ class MaskFact:
     # symbolic one). False: holds wherever the symbolic ``sizes`` (torch.SymInt) keep their example values
     general: bool = True
     sizes: tuple = ()
+    not_general: str = ""  # a symbolic graph's fact that is not general: why the proof for every length failed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,7 +468,7 @@ def analyze_mask(node: fx.Node, Lq: int, Lk: int, negate: bool = False, hint: bo
     fact = _prove(node, Lq, Lk, negate, "hint")
     if isinstance(fact, str):
         return fact
-    return replace(fact, proof=f"{fact.proof}; not proved for every length: {general}")
+    return replace(fact, proof=f"{fact.proof}; not proved for every length: {general}", not_general=general)
 
 
 def _divides_negative(e: sp.Basic) -> str | None:

@@ -15,7 +15,20 @@ import sympy as sp
 import torch
 from torch import fx
 
-from attncomp.masks.sym import AV, AXES, Refuse, Size, SizeDependent, is_bool, is_boolean, lift, num, to_bool, to_num
+from attncomp.masks.sym import (
+    AV,
+    AXES,
+    Refuse,
+    Size,
+    SizeDependent,
+    hint_of,
+    is_bool,
+    is_boolean,
+    lift,
+    num,
+    to_bool,
+    to_num,
+)
 
 if TYPE_CHECKING:
     from attncomp.masks.graph import GraphReader
@@ -81,8 +94,10 @@ def _const(r: GraphReader, node, args, kw):
     return r.result(node, num(v) if not isinstance(v, bool) else (sp.true if v else sp.false))
 
 
-def _unary(fn):
+def _unary(fn, py):
     def read(r: GraphReader, node, args, kw):
+        if not isinstance(args[0], AV):
+            return py(args[0])  # a Python int (a size)
         x = lift(args[0])
         if is_bool(x):
             raise Refuse(f"`{node.name}`: arithmetic on a bool tensor")
@@ -128,6 +143,14 @@ def _div(r: GraphReader, node, args, kw):
 
 def _floordiv(x, y):
     return x // y if not isinstance(x, sp.Basic) and not isinstance(y, sp.Basic) else sp.floor(x / y)
+
+
+def _sym_sum(r: GraphReader, node, args, kw):
+    """``torch.sym_sum([...])``: Dynamo's sum of sizes (ints and sizes only)."""
+    vals = list(args[0])
+    if any(isinstance(v, AV) for v in vals):
+        raise Refuse(f"`{node.name}`: sym_sum of tensors")
+    return sum(vals[1:], vals[0]) if vals else 0
 
 
 def _mod(x, y):
@@ -222,8 +245,10 @@ def _identity(r: GraphReader, node, args, kw):
 
 
 def reshape_map(src: tuple[int, ...], dst: tuple[int, ...]) -> dict:
-    """Axis symbols of a ``src``-shaped tensor in terms of those of its row-major reshape to ``dst``."""
-    if math.prod(src) != math.prod(dst):
+    """Axis symbols of a ``src``-shaped tensor in terms of those of its row-major reshape to ``dst``.
+    With symbolic extents (``Size``), the grouping of axes must hold for every size (a comparison
+    that does not raises ``SizeDependent``) and the strides enter as the sizes' symbols."""
+    if math.prod(map(hint_of, src)) != math.prod(map(hint_of, dst)):  # the graph's guards keep it at every size
         raise Refuse(f"reshape {src} → {dst} changes the element count")
     ns, nd = len(src), len(dst)
     si = [d for d in range(ns) if src[d] != 1]
@@ -392,8 +417,8 @@ OPS = {
     "floordiv": _arith(_floordiv, int_only=True),
     "mod": _arith(_mod, int_only=True),
     "div": _div,
-    "neg": _unary(operator.neg),
-    "abs": _unary(sp.Abs),
+    "neg": _unary(operator.neg, operator.neg),
+    "abs": _unary(sp.Abs, abs),
     "minimum": _minmax(sp.Min),
     "maximum": _minmax(sp.Max),
     "clamp": _clamp,
@@ -411,4 +436,5 @@ OPS = {
     "permute": _permute,
     "cast": _identity,
     "getitem": _getitem,
+    "sym_sum": _sym_sum,
 }
