@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from attncomp.frontend.guards import SizeGuards
+from attncomp.frontend.roles import view_shape
 from attncomp.frontend.rules import Site
 from attncomp.ir import AttentionSpec, Causal, Dims, Mask, Score, TensorMask, mask_and
 from attncomp.ir import ops_table as T
@@ -130,7 +131,7 @@ def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None,
 
     With symbolic sizes (after Dynamo's automatic-dynamic recompile) a mask is proved for every length
     when its predicate holds no size; otherwise it is proved at the example shape, and the graph is
-    specialised to the sizes that proof read (and the site's q and k sizes): they are requested from
+    specialised to the sizes that proof read (and the site's Lq, Lk): they are requested from
     ``guards`` (installed by the backend after the rewrite). Without ``guards`` (a graph that is not
     Dynamo's) such a mask is not proved and the reason is returned."""
     memo = {} if memo is None else memo
@@ -148,7 +149,11 @@ def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None,
     if any(s is None for s in shapes):
         return "the scores' shape is unknown"
     symbolic = any(not all(type(d) is int for d in s) for s in shapes)
-    grid = tuple(d for s in shapes for d in s if type(d) is not int)  # the site's own sizes (q, k)
+    # the grid a proof at the example shape is checked on: q's and k's rows (after the site's views)
+    rows = [view_shape(s, o.views) for s, o in zip(shapes, (site.q, site.k))]
+    grid = tuple(r[-2] for r in rows if r is not None and len(r) > 1 and type(r[-2]) is not int)
+    if any(r is None or len(r) < 2 for r in rows):
+        grid = tuple(d for s in shapes for d in s if type(d) is not int)  # every size of q and k
 
     def use(fact, fill, node, op):
         if fact.general:

@@ -202,6 +202,11 @@ def test_a_mask_holding_a_size_is_specialised_and_exact_at_every_length():
     assert "specialised to 24x28 (guard" in row.reason and "mask is proved for every length" not in row.reason
     assert "not proved for every length: the predicate depends on the size(s)" in row.reason
     assert row.kernel.calls["literal"] == 0
+    # the guard is on the lengths only: a new batch size recompiles once (the batch becomes dynamic), then no more
+    for B in (3, 4, 5):
+        x = torch.randn(B, 16, 16)
+        assert rel_err(fast(x), model(x)) <= 1e-5
+    assert attncomp.explain(fast).graphs == len(set(lengths)) + 1
 
 
 # ---------------------------------------------------------------------------------------------
