@@ -18,11 +18,13 @@ other keys are passed to Inductor as config patches (``{"max_autotune": True}``)
 Dynamic shapes: the rewrite does not specialise on sizes, so after a dynamic recompile (Dynamo's
 automatic dynamic under ``torch.compile``; under :func:`attncomp.optimize`, attncomp's own marks,
 :mod:`attncomp.frontend.dynamic`) a new sequence length reuses the graph; attncomp's Triton kernels are keyed on
-compile-time flags only, and their tuned configs on power-of-two shape buckets. With
-``inner="eager"`` a mask of such a graph is proved at its example shape and checked by the kernel
-on every call (``rewrite(..., checked_masks=True)``); under Inductor it stays a tensor. ``dynamic_graphs`` counts
-the graphs traced with symbolic sizes. Inside an optimized model's call the backend is a safe point
-to stop a capture past its time budget (:func:`attncomp.frontend.budget.check`).
+compile-time flags only, and their tuned configs on power-of-two shape buckets. A mask of such a
+graph is proved for every length when its predicate holds no size; a mask whose proof needs the
+example sizes specialises the graph to them instead: each such size gets a Dynamo guard
+(``size == example``, :class:`attncomp.frontend.guards.SizeGuards`), installed after the rewrite,
+so another length recompiles. No mask is checked per call. ``dynamic_graphs`` counts the graphs
+traced with symbolic sizes. Inside an optimized model's call the backend is a safe point to stop a
+capture past its time budget (:func:`attncomp.frontend.budget.check`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from torch import fx, nn
 
 from attncomp.distributed import ContextParallel
 from attncomp.frontend import budget
+from attncomp.frontend.guards import SizeGuards
 from attncomp.frontend.rules import label_module_paths
 from attncomp.rewrite import SiteRecord, rewrite
 from attncomp.strategies import parse
@@ -68,8 +71,9 @@ def _inner_compiler(inner) -> Callable:
 def _no_size_guards(example_inputs):
     """Analysis reads sizes (for ``Dims`` and the explain table) as their example values; under
     dynamic shapes that must not add guards that specialise the graph to those sizes (it would
-    recompile for every new length). The rewrite never depends on a size's value: the kernels
-    take sizes at run time."""
+    recompile for every new length). The rewrite depends on a size's value only where a mask proof
+    needs it, and then guards it deliberately (:class:`attncomp.frontend.guards.SizeGuards`, installed
+    after this context); the kernels take sizes at run time."""
     from torch._guards import detect_fake_mode
 
     mode = detect_fake_mode(example_inputs)
@@ -97,9 +101,6 @@ class AttncompBackend:
         if self.inner_options and inner != "inductor":
             raise ValueError(f"options {sorted(self.inner_options)} are Inductor config patches, but inner={inner!r}")
         self._compile = _inner_compiler(inner)
-        # masks of graphs with symbolic sizes are checked per call by the kernels: only when they run
-        # as captured (a compiler around them would trace the check away)
-        self.checked_masks = inner == "eager"
         # first-call verification needs the sites to run as captured too (a compiler traces them once)
         self.verify = verify and inner == "eager"
         self.context_parallel = ContextParallel.of(context_parallel)
@@ -111,13 +112,13 @@ class AttncompBackend:
         # are read from Dynamo's metadata as they are.
         self.root: nn.Module | None = None
 
-    def rewrite(self, gm: fx.GraphModule) -> fx.GraphModule:
-        """Rewrite ``gm``'s attention sites in place (records kept for ``explain``)."""
+    def rewrite(self, gm: fx.GraphModule, guards: SizeGuards | None = None) -> fx.GraphModule:
+        """Rewrite ``gm``'s attention sites in place (records kept for ``explain``); sizes a mask proof
+        specialises the graph to are requested from ``guards`` (the caller installs them)."""
         if self.root is not None:
             label_module_paths(gm, self.root)
         recs: list[SiteRecord] = []
-        rewrite(gm, self.strategy, recs, checked_masks=self.checked_masks, verify=self.verify,
-                context_parallel=self.context_parallel)
+        rewrite(gm, self.strategy, recs, guards=guards, verify=self.verify, context_parallel=self.context_parallel)
         self.graphs += 1
         STATS["graphs"] += 1
         for i, r in enumerate(recs):
@@ -127,8 +128,10 @@ class AttncompBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs):
         budget.check()  # an optimized model's capture past its time budget stops here (after tracing)
         self.dynamic_graphs += _symbolic(example_inputs)
+        guards = SizeGuards()
         with _no_size_guards(example_inputs):
-            gm = self.rewrite(gm)
+            gm = self.rewrite(gm, guards)
+        guards.install()  # outside the suppression: the graph is valid at the specialised sizes only
         budget.check()
         if self.inner == "inductor" and self.inner_options:
             from torch._inductor.compile_fx import compile_fx

@@ -14,6 +14,7 @@ from torch import fx
 
 from attncomp.distributed import RING_MASKS, ContextParallel
 from attncomp.frontend.analyze import analyze, check_program, mask_of, recognise_masks
+from attncomp.frontend.guards import SizeGuards
 from attncomp.frontend.mha import match_mha, mha_spec
 from attncomp.frontend.roles import prove as prove_roles
 from attncomp.frontend.rules import COUNTERS, Miss, Site, find_sites, module_path
@@ -63,13 +64,25 @@ def _terms_of(site: Site, uses=()) -> tuple[list, list, tuple]:
     if site.sdpa.get("attn_mask") is not None:
         site.sdpa = {**site.sdpa, "attn_mask": ref(site.sdpa["attn_mask"])}
     masks = tuple(KernelMask(u.static, None if u.keep_src is None else ref(u.keep_src)[1], u.keep_fn, u.fill,
-                             None if u.check_src is None else ref(u.check_src)[1], u.src_op)
+                             op=u.src_op)
                   for u in uses)
     return steps, terms, masks
 
 
 def _causal_only(spec) -> bool:
     return isinstance(spec.mask, Causal)
+
+
+def _symbolic_note(site: Site, spec, uses) -> tuple[str, ...]:
+    """The explain note of proved masks in a graph with symbolic sizes: proved for every length, or
+    specialised (guarded) to the example shape."""
+    if all(type(d) is int for o in (site.q, site.k) for d in (T.shape(o.node) or ())):
+        return ()
+    why = next((u.not_general for u in uses if u.specialised), None)
+    if why is not None:
+        return (f"sizes are symbolic: the mask is specialised to {spec.dims.Lq}x{spec.dims.Lk} (guard: another "
+                f"length recompiles; not proved for every length: {why})",)
+    return ("sizes are symbolic: the mask is proved for every length",)
 
 
 def _erase_region(gm: fx.GraphModule, site: Site) -> None:
@@ -89,11 +102,12 @@ def _erase_region(gm: fx.GraphModule, site: Site) -> None:
                 changed = True
 
 
-def rewrite(gm: fx.GraphModule, parsed_strategy, records: list, checked_masks: bool = False,
+def rewrite(gm: fx.GraphModule, parsed_strategy, records: list, guards: SizeGuards | None = None,
             verify: bool = True, context_parallel: ContextParallel | None = None) -> fx.GraphModule:
-    """Rewrite ``gm`` in place and return it. ``checked_masks``: the graph runs as captured (not
-    inside another compiler), so kernels may check per call a mask proved at the example shape of a
-    graph with symbolic sizes (see :func:`attncomp.analyze.recognise_masks`). ``verify``: each
+    """Rewrite ``gm`` in place and return it. ``guards`` (Dynamo graphs): a mask of a graph with
+    symbolic sizes whose proof needs the example sizes specialises the graph to them — the sizes are
+    requested from ``guards``, which the caller installs once the rewrite is done (see
+    :func:`attncomp.frontend.analyze.recognise_masks`); without it such a mask stays a tensor. ``verify``: each
     replaced site compares its first fused call with its own eager nodes
     (:class:`attncomp.sitemodule.SiteModule`). ``context_parallel``: every replaced site runs as ring
     attention over its process group; a site that cannot raises ``ValueError`` (run locally it would
@@ -126,14 +140,12 @@ def rewrite(gm: fx.GraphModule, parsed_strategy, records: list, checked_masks: b
             records.append(SiteRecord(site.module_path, site.rule, "left", why, spec))
             continue
         uses, note = [], ()
-        rec = recognise_masks(site, spec, memo, checked=checked_masks)
+        rec = recognise_masks(site, spec, memo, guards=guards)
         if isinstance(rec, str):
             note = (f"mask kept as a tensor: {rec}",) if spec.mask != Full() and not _causal_only(spec) else ()
         else:
             site.steps, uses = rec
-            if any(u.check_src is not None for u in uses):
-                note = (f"sizes are symbolic: the mask is proved at the example shape {spec.dims.Lq}x{spec.dims.Lk} "
-                        "and checked against the graph's mask on every call",)
+            note = _symbolic_note(site, spec, uses)
             if site.sdpa.get("attn_mask") is not None:  # the kernel rebuilds it from the proof
                 site.sdpa = {**site.sdpa, "attn_mask": None, "mask_from_proof": True}
             spec = analyze(site)

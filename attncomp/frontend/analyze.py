@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from attncomp.frontend.guards import SizeGuards
+from attncomp.frontend.roles import view_shape
 from attncomp.frontend.rules import Site
 from attncomp.ir import AttentionSpec, Causal, Dims, Mask, Score, TensorMask, mask_and
 from attncomp.ir import ops_table as T
@@ -109,17 +111,18 @@ class MaskUse:
     keep_fn: Callable | None
     fill: float
     proof: str
-    # symbolic sizes: the proof holds at the example shape; the kernel checks the graph's mask
-    # ``check_src`` (as the step ``src_op`` uses it) against it on every call
-    check_src: torch.fx.Node | None = None
     # the graph's mask node and the step that reads it: masked_fill / masked_fill_not / add (the site's
     # eager form gets it rebuilt from the proof)
     src: torch.fx.Node | None = None
     src_op: str = "masked_fill"
+    # symbolic sizes the proof is specialised to (guarded to their example values), and why it is not
+    # proved for every length; () when it holds at every shape the graph admits
+    specialised: tuple = ()
+    not_general: str = ""
 
 
 def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None,
-                    checked: bool = False) -> tuple[list, list[MaskUse]] | str:
+                    guards: SizeGuards | None = None) -> tuple[list, list[MaskUse]] | str:
     """Replace the proven mask steps of ``site.steps`` by ``ProvedMask(i)`` (``i`` indexes the returned
     uses); returns (new steps, uses). ``memo`` (one dict per graph rewrite) reuses the proof of a mask
     node shared by several sites — transformers builds one mask and every layer reads it.
@@ -128,9 +131,11 @@ def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None,
     returned and the masks stay on the folded-bias path); an ``add`` is a proven mask when its term
     is an additive mask built in the graph, and otherwise stays as a bias term.
 
-    With symbolic sizes (after Dynamo's automatic-dynamic recompile) masks are proved at the example
-    shape only, so only when ``checked`` (the kernel runs outside a compiler and checks every call's
-    mask against the proof: ``MaskUse.check_src``); otherwise the reason is returned."""
+    With symbolic sizes (after Dynamo's automatic-dynamic recompile) a mask is proved for every length
+    when its predicate holds no size; otherwise it is proved at the example shape, and the graph is
+    specialised to the sizes that proof read (and the site's Lq, Lk): they are requested from
+    ``guards`` (installed by the backend after the rewrite). Without ``guards`` (a graph that is not
+    Dynamo's) such a mask is not proved and the reason is returned."""
     memo = {} if memo is None else memo
 
     def analyze_mask(node, Lq: int, Lk: int, negate: bool = False):
@@ -146,16 +151,21 @@ def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None,
     if any(s is None for s in shapes):
         return "the scores' shape is unknown"
     symbolic = any(not all(type(d) is int for d in s) for s in shapes)
-    if symbolic and not checked:
-        return ("the sequence length is symbolic (dynamic shapes) and the kernel runs inside a compiler, "
-                "where it cannot check the mask per call: a mask is proved for one shape only")
+    # the grid a proof at the example shape is checked on: q's and k's rows (after the site's views)
+    rows = [view_shape(s, o.views) for s, o in zip(shapes, (site.q, site.k))]
+    grid = tuple(r[-2] for r in rows if r is not None and len(r) > 1 and type(r[-2]) is not int)
+    if any(r is None or len(r) < 2 for r in rows):
+        grid = tuple(d for s in shapes for d in s if type(d) is not int)  # every size of q and k
 
     def use(fact, fill, node, op):
-        proof = fact.proof
-        if symbolic:
-            proof += (f"; sizes are symbolic: proved at the example shape {Lq}x{Lk}, and every call checks the "
-                      "graph's mask against the proof (a call where it differs runs the site's own computation)")
-        return MaskUse(fact.static, fact.keep_src, fact.keep_fn, fill, proof, node if symbolic else None, node, op)
+        if fact.general:
+            return MaskUse(fact.static, fact.keep_src, fact.keep_fn, fill, fact.proof, node, op)
+        sizes = fact.sizes + grid
+        why = "the graph is not Dynamo's: it cannot be specialised" if guards is None else guards.why_not(sizes)
+        if why:
+            return f"a mask proved at the example shape {Lq}x{Lk} only, and {why}"
+        proof = f"{fact.proof}; specialised to {Lq}x{Lk} (guard)"
+        return MaskUse(fact.static, fact.keep_src, fact.keep_fn, fill, proof, node, op, sizes, fact.not_general)
     if any(isinstance(s, View) for s in site.steps):
         return "the scores are viewed between the product and the softmax"
     kept, uses, refused = [], [], []
@@ -166,18 +176,20 @@ def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None,
                 return "a mask is filled with a tensor"
             op = "masked_fill" if step.hide_where else "masked_fill_not"
             fact = analyze_mask(step.cond, Lq, Lk, negate=step.hide_where)
-            if isinstance(fact, str):
-                return fact
+            u = fact if isinstance(fact, str) else use(fact, fill, step.cond, op)
+            if isinstance(u, str):
+                return u
             kept.append(ProvedMask(len(uses)))
-            uses.append(use(fact, fill, step.cond, op))
+            uses.append(u)
         elif isinstance(step, AddBias) and step.coef == 1.0 and isinstance(step.term, torch.fx.Node):
             fact = analyze_mask(step.term, Lq, Lk)
-            if isinstance(fact, str) or fact.fill is None:
-                refused.append(fact if isinstance(fact, str) else "a bool tensor added to the scores")
+            u = fact if isinstance(fact, str) or fact.fill is None else use(fact, fact.fill, step.term, "add")
+            if isinstance(u, str) or u is fact:
+                refused.append(u if isinstance(u, str) else "a bool tensor added to the scores")
                 kept.append(step)
             else:
                 kept.append(ProvedMask(len(uses)))
-                uses.append(use(fact, fact.fill, step.term, "add"))
+                uses.append(u)
         else:
             kept.append(step)
     if not uses:
@@ -198,6 +210,9 @@ def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None,
     why = check([map_operands(step, _meta_of) for step in kept], (Lq, Lk))
     if why:
         return f"{why} (once the masks are proved)"
+    if guards is not None:
+        for u in uses:
+            guards.add(u.specialised)
     return kept, uses
 
 

@@ -16,8 +16,13 @@ Pipeline (one direction):
    that are vacuous on that grid are dropped the same way. No fact is returned unless it holds.
 
 The fact is exact for the site's shape (Dynamo graphs are specialised to it; for fx graphs analyse
-again per shape). A graph with symbolic sizes is read at its example shape (``hint=True``): the fact
-then holds there only, and the kernel checks the graph's mask against it on every call.
+again per shape). A graph with symbolic sizes is first read with its sizes as symbols
+(:class:`~attncomp.masks.sym.Size`): when no size enters the predicate and every step is exact as a
+predicate (the rules are syntactic; the grid-fitted steps — dropping parts vacuous on the grid,
+fitting a neighborhood — are skipped; every ``//``/``%`` operand is proved non-negative for all
+``q, kv >= 0``), the fact holds for every length (``general``). Otherwise it is read at its example
+shape (``hint``) and holds there only: the fact lists the sizes it read, for the graph to be
+specialised (guarded) to them.
 Everything else — model-input masks, parameters, data-dependent masks, finite fills — is refused
 with a reason string.
 """
@@ -27,7 +32,7 @@ from __future__ import annotations
 import collections
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy as sp
 import torch
@@ -37,6 +42,7 @@ from attncomp import ir
 from attncomp.ir.program import BIG
 from attncomp.masks.blocks import dense_keep, eval_expr
 from attncomp.masks.graph import AXES, GraphReader, Refuse, to_bool
+from attncomp.masks.sym import Size, SizeDependent, hint_of
 
 Q = sp.Symbol("q", integer=True, nonnegative=True)
 KV = sp.Symbol("kv", integer=True, nonnegative=True)
@@ -79,6 +85,11 @@ class MaskFact:
     role: str | None                      # "key_padding" when keep is constant along queries and heads
     fill: float | None                    # additive masks: the value at masked positions; bool: None
     proof: str                            # what was recognised and how it was checked
+    # True: holds at every shape the graph admits (a static graph's one shape, or every size of a
+    # symbolic one). False: holds wherever the symbolic ``sizes`` (torch.SymInt) keep their example values
+    general: bool = True
+    sizes: tuple = ()
+    not_general: str = ""  # a symbolic graph's fact that is not general: why the proof for every length failed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,10 +410,19 @@ def _split_keep(E: sp.Basic, reader: GraphReader, shape: tuple, Lk: int):
         if not batch_ok or any(a != 0 for a in args[1:-1]):
             return why
     c = sp.expand(args[-1] - AXES[1])
-    if not c.is_Integer or shape[-1] != Lk or not (0 <= int(c) and int(c) + Lk <= rshape[-1]):
+    width = shape[-1]  # the mask's key extent: Lk at the example (a Size when read symbolically)
+    if not c.is_Integer or hint_of(width) != Lk or not (0 <= int(c) and int(c) + width <= rshape[-1]):
         return why
-    fn = KeyPadding(int(c), Lk if int(c) + Lk < rshape[-1] or not reader.hint else None)
-    return E, src, fn, f"key padding `{src.name}`[:, {int(c)}:{int(c) + Lk}] != 0"
+    c = int(c)
+    to_end = c + width == rshape[-1]  # a Size comparison holds for every size, or raises SizeDependent
+    if reader.sizes == "symbolic":
+        if not to_end and isinstance(width, Size):
+            raise SizeDependent(f"the keys read from `{src.name}` stop {rshape[-1] - c - width} before its end")
+        length = None if to_end else width
+    else:  # an example-size reading of a symbolic graph keeps the old rule: to the end when it reaches it
+        length = Lk if not to_end or reader.sizes == "static" else None
+    stop = "" if length is None else c + length
+    return E, src, KeyPadding(c, length), f"key padding `{src.name}`[:, {c}:{stop}] != 0"
 
 
 def _leaves(v: sp.Basic) -> set:
@@ -430,23 +450,51 @@ def _additive(V: sp.Basic) -> tuple[sp.Basic, float] | str:
 def analyze_mask(node: fx.Node, Lq: int, Lk: int, negate: bool = False, hint: bool = False) -> MaskFact | str:
     """Prove what mask ``node`` computes on the site's ``(Lq, Lk)`` grid, or say why not.
 
-    ``hint=True`` (a graph with symbolic sizes): sizes are read as their example values, so the fact
-    holds for the example shape only; whoever uses it must check it at other shapes.
+    ``hint=True`` (a graph with symbolic sizes): the mask is first read with every size as a symbol;
+    when the predicate holds no size and every step of the proof is exact as a predicate, the fact
+    holds for every length (``general``). Otherwise it is read at the example sizes: the fact holds
+    wherever the sizes it read (``MaskFact.sizes``) keep their example values — whoever uses it must
+    specialise the graph to them.
 
     ``node``: a bool keep-mask (``True`` = visible, SDPA's convention), or an additive float mask,
     broadcastable to ``(B, H, Lq, Lk)``. ``negate=True`` analyses ``~value(node)`` (the node is a
     ``masked_fill`` condition, ``True`` = hidden). See :class:`MaskFact` for the guaranteed equation.
     """
+    if not hint:
+        return _prove(node, Lq, Lk, negate, "static")
+    general = _prove(node, Lq, Lk, negate, "symbolic")
+    if isinstance(general, MaskFact):
+        return general
+    fact = _prove(node, Lq, Lk, negate, "hint")
+    if isinstance(fact, str):
+        return fact
+    return replace(fact, proof=f"{fact.proof}; not proved for every length: {general}", not_general=general)
+
+
+def _divides_negative(e: sp.Basic) -> str | None:
+    """Why a predicate may be unsafe for Triton at some ``q, kv >= 0`` (``//``/``%`` of an operand
+    sympy cannot prove non-negative), or None."""
+    for f in e.atoms(sp.floor, sp.Mod):
+        num = sp.fraction(sp.together(f.args[0]))[0]
+        if not num.is_nonnegative:
+            return f"`{f}` may divide a negative value for some (q, kv) (torch floors, Triton truncates)"
+    return None
+
+
+def _prove(node: fx.Node, Lq: int, Lk: int, negate: bool, sizes: str) -> MaskFact | str:
+    """:func:`analyze_mask` with the graph's sizes read as ``sizes`` (see :class:`GraphReader`)."""
     if not isinstance(node, fx.Node):
         return f"the mask is not a graph node ({node!r})"
-    reader = GraphReader(node.graph.owning_module, hint=hint)
+    symbolic = sizes == "symbolic"
+    reader = GraphReader(node.graph.owning_module, sizes=sizes)
     try:
         av = reader.read(node)
         if not hasattr(av, "expr"):
             return f"`{node.name}` is not a tensor"
         shape = av.shape
-        if len(shape) > 4 or (shape and shape[-1] not in (1, Lk)) or (len(shape) > 1 and shape[-2] not in (1, Lq)):
-            return f"mask shape {shape} does not broadcast to (..., {Lq}, {Lk})"
+        hs = tuple(hint_of(d) for d in shape)  # the graph's broadcasting holds at every size
+        if len(hs) > 4 or (hs and hs[-1] not in (1, Lk)) or (len(hs) > 1 and hs[-2] not in (1, Lq)):
+            return f"mask shape {hs} does not broadcast to (..., {Lq}, {Lk})"
         fill = None
         if av.dtype == torch.bool:
             E = av.expr
@@ -464,40 +512,57 @@ def analyze_mask(node: fx.Node, Lq: int, Lk: int, negate: bool = False, hint: bo
         E, keep_src, keep_fn, keep_note = split
         E = E.xreplace({AXES[2]: Q, AXES[1]: KV})
         stray = E.free_symbols - {Q, KV, KEEP}
+        if stray & set(AXES):
+            return f"the static part varies along batch / head axes ({', '.join(map(str, stray & set(AXES)))})"
         if stray:
-            return f"the static part varies along batch / head axes ({', '.join(map(str, stray))})"
+            return f"the predicate depends on the size(s) {', '.join(sorted(map(str, stray)))}"
         P = E.xreplace({KEEP: sp.true})
         truth = _grid(to_src(P), Lq, Lk)
-        if keep_src is not None and bool(_grid(to_src(E.xreplace({KEEP: sp.false})), Lq, Lk).any()):
-            return f"the run-time part ({keep_note}) is not a conjunct: some positions are visible without it"
+        if keep_src is not None:
+            hidden = E.xreplace({KEEP: sp.false})
+            if symbolic and hidden is not sp.false:
+                return f"the run-time part ({keep_note}) is not a conjunct of the predicate as read"
+            if bool(_grid(to_src(hidden), Lq, Lk).any()):
+                return f"the run-time part ({keep_note}) is not a conjunct: some positions are visible without it"
         fired: list = []
         static = classify(P, fired)
         notes: list = []
         if not torch.equal(dense_keep(static.expr(), Lq, Lk), truth):
             notes.append(f"classification {static} disagreed with the predicate; kept as a predicate")
             static = ir.Predicate(to_src(P))
-        static = _simplify(static, truth, Lq, Lk, notes)
-        leaves = static.parts if isinstance(static, (ir.And, ir.Or)) else (static,)
-        if Lq == Lk and any(isinstance(x, ir.Predicate) for x in leaves):
-            na = neighborhood_from_grid(truth)
-            if na is not None:
-                notes.append(f"{static} is {na} on the grid")
-                static = na
+        if not symbolic:  # both fit the example grid: a general proof keeps the predicate's own kinds
+            static = _simplify(static, truth, Lq, Lk, notes)
+            leaves = static.parts if isinstance(static, (ir.And, ir.Or)) else (static,)
+            if Lq == Lk and any(isinstance(x, ir.Predicate) for x in leaves):
+                na = neighborhood_from_grid(truth)
+                if na is not None:
+                    notes.append(f"{static} is {na} on the grid")
+                    static = na
         if not torch.equal(dense_keep(static.expr(), Lq, Lk), truth):
             return f"internal: {static} does not match the predicate on the grid"
         leaves = static.parts if isinstance(static, (ir.And, ir.Or)) else (static,)
-        unsafe = _safe_divisions(P, Lq, Lk) if any(isinstance(x, ir.Predicate) for x in leaves) else None
+        unsafe = None
+        if any(isinstance(x, ir.Predicate) for x in leaves):
+            unsafe = _divides_negative(P) if symbolic else _safe_divisions(P, Lq, Lk)
         if unsafe:
             return unsafe
     except Refuse as e:
         return str(e)
+    except TypeError as e:
+        if not symbolic:
+            raise
+        return f"a symbolic size is used where only its example value works ({e})"
     kind = "additive" if fill is not None else "bool"
+    checked = (f"proved for every length (no size enters the predicate), checked at {Lq}x{Lk}" if symbolic
+               else f"checked at all {Lq}x{Lk} (q, kv)")
     proof = (f"{kind} mask `{node.name}`{' (negated)' if negate else ''}: static {to_src(P)} → {static} "
-             f"[rules: {', '.join(fired) or 'none'}]; checked at all {Lq}x{Lk} (q, kv)")
+             f"[rules: {', '.join(fired) or 'none'}]; {checked}")
     if keep_src is not None:
         proof += f"; run-time: {keep_note}, a conjunct (no position visible where it is false)"
     if fill is not None:
         proof += f"; fill {fill:g}, visible positions exactly 0"
     if notes:
         proof += "; " + "; ".join(notes)
-    return MaskFact(static, keep_src, keep_fn, "key_padding" if keep_src is not None else None, fill, proof)
+    used = tuple(reader.used.values()) if sizes == "hint" else ()
+    return MaskFact(static, keep_src, keep_fn, "key_padding" if keep_src is not None else None, fill, proof,
+                    general=sizes != "hint", sizes=used)

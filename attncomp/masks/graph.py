@@ -33,6 +33,7 @@ from attncomp.masks.sym import (
     fit_constant,
     round_int,
     simplify_index,
+    size_of,
     to_bool,
     to_num,
     zero_unit_axes,
@@ -52,14 +53,61 @@ def size_hint(s) -> int:
     return int(hint)
 
 
-class GraphReader:
-    """Reads mask nodes into :class:`AV` values (memoised); ``runtime`` maps R-function names to nodes."""
+def _lower_bound(sym, shape_env) -> int | None:
+    """The lower bound the graph's shape guards put on size symbol ``sym`` (None if unknown)."""
+    r = getattr(shape_env, "var_to_range", {}).get(sym)
+    lo = getattr(r, "lower", None)
+    try:
+        return int(lo) if lo is not None and sp.sympify(lo).is_Integer else None
+    except (TypeError, ValueError, sp.SympifyError):
+        return None
 
-    def __init__(self, gm: fx.GraphModule | None = None, hint: bool = False):
+
+SIZES = ("static", "hint", "symbolic")
+
+
+class GraphReader:
+    """Reads mask nodes into :class:`AV` values (memoised); ``runtime`` maps R-function names to nodes.
+
+    ``sizes`` says how a graph with symbolic sizes (Dynamo's automatic-dynamic recompile) is read:
+
+    * ``"static"``: it is refused (fx and static Dynamo graphs have int sizes only);
+    * ``"hint"``: each size is its example value, so what is read holds at the example shape only;
+      ``used`` collects every symbolic size read (a proof built on the reading holds wherever they
+      keep their example values: specialise on them);
+    * ``"symbolic"``: each size is a :class:`~attncomp.masks.sym.Size` carrying its symbol, so a
+      value that depends on a size shows the size's symbol; where a size would matter in a way the
+      reading cannot carry, :class:`~attncomp.masks.sym.SizeDependent` is raised. What is read holds
+      for every size the graph admits.
+    """
+
+    def __init__(self, gm: fx.GraphModule | None = None, sizes: str = "static"):
+        if sizes not in SIZES:
+            raise ValueError(f"sizes must be one of {SIZES}; got {sizes!r}")
         self.gm = gm
-        self.hint = hint  # read symbolic sizes as their example values (the proof holds for that shape only)
+        self.sizes = sizes
         self.memo: dict = {}
         self.runtime: dict[str, fx.Node] = {}
+        self.used: dict[str, torch.SymInt] = {}  # "hint": the symbolic sizes read, by expression
+        self.lower: dict = {}  # "symbolic": size symbol → lower bound (the graph's guards)
+
+    def size(self, s):
+        """A size as this reader reads it: an int (static, or the example value) or a ``Size``."""
+        if type(s) is int:
+            return s
+        if not isinstance(s, torch.SymInt):
+            raise Refuse(f"unsupported size {s!r}")
+        if self.sizes == "static":
+            raise Refuse(f"the size {s} is symbolic; only static shapes are analysed")
+        hint = size_hint(s)
+        expr = s.node.expr
+        if self.sizes == "hint":
+            if not expr.is_number:
+                self.used.setdefault(str(expr), s)
+            return hint
+        for sym in expr.free_symbols:
+            self.lower.setdefault(sym, _lower_bound(sym, getattr(s.node, "shape_env", None)))
+        return size_of(hint, expr, self.lower)
 
     # -- values ---------------------------------------------------------------------------------
 
@@ -88,9 +136,9 @@ class GraphReader:
         if shape is None or dtype is None:
             raise Refuse(f"`{node.name}` has no shape metadata")
         if not all(type(s) is int for s in shape):
-            if not self.hint:
+            if self.sizes == "static":
                 raise Refuse(f"`{node.name}` has a symbolic shape {tuple(shape)}; only static shapes are analysed")
-            shape = [size_hint(s) for s in shape]
+            shape = [self.size(s) for s in shape]
         return tuple(shape), dtype
 
     def result(self, node: fx.Node, expr) -> AV:
@@ -134,8 +182,8 @@ class GraphReader:
         if not isinstance(m, torch.Tensor) and not hasattr(m, "dtype"):
             if isinstance(m, (int, bool, float)) and not isinstance(m, torch.SymInt):
                 return m
-            if self.hint and isinstance(m, torch.SymInt):
-                return size_hint(m)
+            if self.sizes != "static" and isinstance(m, torch.SymInt):
+                return self.size(m)
             raise Refuse(f"`{node.name}` is a run-time integer, not a compile-time constant")
         shape, dtype = self.out(node)
         if dtype.is_floating_point:

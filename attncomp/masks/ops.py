@@ -15,7 +15,20 @@ import sympy as sp
 import torch
 from torch import fx
 
-from attncomp.masks.sym import AV, AXES, Refuse, is_bool, is_boolean, lift, num, to_bool, to_num
+from attncomp.masks.sym import (
+    AV,
+    AXES,
+    Refuse,
+    Size,
+    SizeDependent,
+    hint_of,
+    is_bool,
+    is_boolean,
+    lift,
+    num,
+    to_bool,
+    to_num,
+)
 
 if TYPE_CHECKING:
     from attncomp.masks.graph import GraphReader
@@ -44,8 +57,9 @@ def op_name(node: fx.Node) -> str | None:
 
 
 
-def _int(x, what: str) -> int:
-    if isinstance(x, bool) or not isinstance(x, int):
+def _int(x, what: str) -> int | Size:
+    """A compile-time integer, or a symbolic size (its symbol enters whatever it is used in)."""
+    if isinstance(x, bool) or not isinstance(x, (int, Size)):
         raise Refuse(f"{what} is not a compile-time integer ({x!r})")
     return x
 
@@ -57,7 +71,8 @@ def _arange(r: GraphReader, node, args, kw):
     else:
         start, step = ints[0], ints[2] if len(ints) > 2 else kw.get("step", 1)
     start, step = _int(kw.get("start", start), "arange start"), _int(step, "arange step")
-    return r.result(node, sp.Integer(start) + step * AXES[1])
+    # the end only sets the extent (read from the node's shape), never a value: it is not read
+    return r.result(node, sp.sympify(start) + step * AXES[1])
 
 
 def _fill_value(name: str, args, kw):
@@ -79,8 +94,10 @@ def _const(r: GraphReader, node, args, kw):
     return r.result(node, num(v) if not isinstance(v, bool) else (sp.true if v else sp.false))
 
 
-def _unary(fn):
+def _unary(fn, py):
     def read(r: GraphReader, node, args, kw):
+        if not isinstance(args[0], AV):
+            return py(args[0])  # a Python int (a size)
         x = lift(args[0])
         if is_bool(x):
             raise Refuse(f"`{node.name}`: arithmetic on a bool tensor")
@@ -126,6 +143,14 @@ def _div(r: GraphReader, node, args, kw):
 
 def _floordiv(x, y):
     return x // y if not isinstance(x, sp.Basic) and not isinstance(y, sp.Basic) else sp.floor(x / y)
+
+
+def _sym_sum(r: GraphReader, node, args, kw):
+    """``torch.sym_sum([...])``: Dynamo's sum of sizes (ints and sizes only)."""
+    vals = list(args[0])
+    if any(isinstance(v, AV) for v in vals):
+        raise Refuse(f"`{node.name}`: sym_sum of tensors")
+    return sum(vals[1:], vals[0]) if vals else 0
 
 
 def _mod(x, y):
@@ -220,8 +245,10 @@ def _identity(r: GraphReader, node, args, kw):
 
 
 def reshape_map(src: tuple[int, ...], dst: tuple[int, ...]) -> dict:
-    """Axis symbols of a ``src``-shaped tensor in terms of those of its row-major reshape to ``dst``."""
-    if math.prod(src) != math.prod(dst):
+    """Axis symbols of a ``src``-shaped tensor in terms of those of its row-major reshape to ``dst``.
+    With symbolic extents (``Size``), the grouping of axes must hold for every size (a comparison
+    that does not raises ``SizeDependent``) and the strides enter as the sizes' symbols."""
+    if math.prod(map(hint_of, src)) != math.prod(map(hint_of, dst)):  # the graph's guards keep it at every size
         raise Refuse(f"reshape {src} → {dst} changes the element count")
     ns, nd = len(src), len(dst)
     si = [d for d in range(ns) if src[d] != 1]
@@ -273,12 +300,30 @@ def _permute(r: GraphReader, node, args, kw):
     return r.result(node, x.expr.xreplace({AXES[n - perm[p]]: AXES[n - p] for p in range(n)}))
 
 
-def _norm_slice(s: slice, size: int) -> tuple[int, int]:
+def _norm_slice(s: slice, size) -> tuple:
+    """(start, step) of slice ``s`` over an axis of ``size``; the stop only sets the extent (read from
+    the node's shape). With a symbolic size or bound, only what holds for every size: a non-negative
+    start and a positive step (a negative start counts from the end: the size would enter)."""
     for v in (s.start, s.stop, s.step):
         if v is not None:
             _int(v, "slice bound")
-    start, _, step = s.indices(size)
+    if not any(isinstance(v, Size) for v in (size, s.start, s.stop, s.step)):
+        start, _, step = s.indices(size)
+        return start, step
+    step = 1 if s.step is None else s.step
+    if isinstance(step, Size) or step <= 0:
+        raise SizeDependent(f"a slice with step {step} of a symbolic extent")
+    start = 0 if s.start is None else s.start
+    if start < 0:
+        raise SizeDependent(f"a slice from {start} counts from the end of a symbolic extent")
     return start, step
+
+
+def _index(k, size) -> sp.Basic:
+    """Integer index ``k`` into an axis of ``size`` (negative: from the end) as an expression."""
+    if not isinstance(k, Size) and not isinstance(size, Size):
+        return sp.Integer(k % size)
+    return sp.sympify(k if k >= 0 else size + k)
 
 
 def _getitem(r: GraphReader, node, args, kw):
@@ -298,8 +343,8 @@ def _getitem(r: GraphReader, node, args, kw):
     for k in key:
         if k is None:
             p += 1
-        elif isinstance(k, int) and not isinstance(k, bool):
-            sub[AXES[len(x.shape) - d]] = sp.Integer(k % x.shape[d])
+        elif isinstance(k, (int, Size)) and not isinstance(k, bool):
+            sub[AXES[len(x.shape) - d]] = _index(k, x.shape[d])
             d += 1
         elif isinstance(k, slice):
             start, step = _norm_slice(k, x.shape[d])
@@ -319,9 +364,8 @@ def _advanced(r: GraphReader, node, x: AV, key: tuple, shape) -> AV:
             k != slice(None) for i, k in enumerate(key) if i not in pos):
         raise Refuse(f"`{node.name}`: indexing that mixes tensors with non-trivial slices or None")
     n, nout = len(x.shape), len(shape)
-    bshape = torch.broadcast_shapes(*[key[i].shape for i in pos])
+    nb = max(len(key[i].shape) for i in pos)  # rank of the broadcast indices
     after = n - 1 - pos[-1]  # dims of x after the run of tensor indices
-    nb = len(bshape)
     shift = {AXES[k]: AXES[k + after] for k in range(1, nb + 1)}
     sub = {}
     for i in pos:
@@ -373,8 +417,8 @@ OPS = {
     "floordiv": _arith(_floordiv, int_only=True),
     "mod": _arith(_mod, int_only=True),
     "div": _div,
-    "neg": _unary(operator.neg),
-    "abs": _unary(sp.Abs),
+    "neg": _unary(operator.neg, operator.neg),
+    "abs": _unary(sp.Abs, abs),
     "minimum": _minmax(sp.Min),
     "maximum": _minmax(sp.Max),
     "clamp": _clamp,
@@ -392,4 +436,5 @@ OPS = {
     "permute": _permute,
     "cast": _identity,
     "getitem": _getitem,
+    "sym_sum": _sym_sum,
 }

@@ -22,6 +22,137 @@ class Refuse(Exception):
     """The mask subgraph holds something that cannot be read exactly; the message says what."""
 
 
+class SizeDependent(Refuse):
+    """Reading sizes as symbols: what the graph computes depends on a size's value in a way the reading
+    does not carry as a symbol (or cannot decide for every size); the message says where."""
+
+
+def _relaxed(e: sp.Basic, lower: dict) -> sp.Basic:
+    """``e`` with each size symbol ``s`` written ``lower[s] + t_s`` (``t_s`` a non-negative integer), so
+    sympy's sign rules see the sizes' lower bounds; a symbol with no known lower bound stays as it is."""
+    sub = {s: lower[s] + sp.Symbol(f"t_{s}", integer=True, nonnegative=True)
+           for s in e.free_symbols if lower.get(s) is not None}
+    return sp.expand(e.xreplace(sub))
+
+
+class Size:
+    """A symbolic size (reading a graph with symbolic shapes for every size): its example value ``hint``
+    and ``expr`` over the graph's size symbols, whose lower bounds (the graph's own shape guards, e.g.
+    ``s0 >= 2``) are in ``lower``.
+
+    Sizes combine with ints and sizes by ``+ - * // %`` into sizes; anywhere a size enters a sympy
+    expression it enters as ``expr`` (``_sympy_``), so a predicate that depends on a size shows its
+    symbol. A comparison is answered only when it holds the same way for every size; otherwise it
+    raises :class:`SizeDependent`. There is deliberately no ``__int__`` / ``__index__``: a use that is
+    not modelled fails instead of silently reading the example value."""
+
+    __slots__ = ("hint", "expr", "lower")
+
+    def __init__(self, hint: int, expr: sp.Basic, lower: dict):
+        self.hint, self.expr, self.lower = hint, expr, lower
+
+    def _sympy_(self) -> sp.Basic:
+        return self.expr
+
+    def __repr__(self) -> str:
+        return f"{self.expr}(={self.hint})"
+
+    def __hash__(self) -> int:
+        return hash((self.hint, self.expr))
+
+    # -- arithmetic --------------------------------------------------------------------------------
+    def _op(self, o, fn, sym, swap: bool = False):
+        if isinstance(o, bool) or not isinstance(o, (int, Size, sp.Basic)):
+            return NotImplemented
+        if isinstance(o, sp.Basic):  # into a sympy expression: the size enters as its symbol
+            return sym(o, self.expr) if swap else sym(self.expr, o)
+        a, b = (o, self) if swap else (self, o)
+        ha, hb = (x.hint if isinstance(x, Size) else x for x in (a, b))
+        ea, eb = (x.expr if isinstance(x, Size) else sp.Integer(x) for x in (a, b))
+        return size_of(fn(ha, hb), sym(ea, eb), self.lower)
+
+    def __add__(self, o):
+        return self._op(o, lambda a, b: a + b, lambda a, b: a + b)
+
+    def __radd__(self, o):
+        return self._op(o, lambda a, b: a + b, lambda a, b: a + b, True)
+
+    def __sub__(self, o):
+        return self._op(o, lambda a, b: a - b, lambda a, b: a - b)
+
+    def __rsub__(self, o):
+        return self._op(o, lambda a, b: a - b, lambda a, b: a - b, True)
+
+    def __mul__(self, o):
+        return self._op(o, lambda a, b: a * b, lambda a, b: a * b)
+
+    def __rmul__(self, o):
+        return self._op(o, lambda a, b: a * b, lambda a, b: a * b, True)
+
+    def __floordiv__(self, o):
+        return self._op(o, lambda a, b: a // b, lambda a, b: sp.floor(a / b))
+
+    def __rfloordiv__(self, o):
+        return self._op(o, lambda a, b: a // b, lambda a, b: sp.floor(a / b), True)
+
+    def __mod__(self, o):
+        return self._op(o, lambda a, b: a % b, sp.Mod)
+
+    def __rmod__(self, o):
+        return self._op(o, lambda a, b: a % b, sp.Mod, True)
+
+    def __neg__(self):
+        return size_of(-self.hint, -self.expr, self.lower)
+
+    def __truediv__(self, o):
+        raise SizeDependent(f"the size {self} is divided into a float")
+
+    __rtruediv__ = __truediv__
+
+    # -- comparisons: answered only when they hold the same way for every size ----------------------
+    def _cmp(self, o, yes: str, no: str, what: str):
+        """``self - o`` is ``yes`` (a sympy sign property) for every size → True, ``no`` → False."""
+        if isinstance(o, bool) or not isinstance(o, (int, Size)):
+            return NotImplemented
+        d = _relaxed(self.expr - sp.sympify(o), self.lower)
+        if getattr(d, yes):
+            return True
+        if getattr(d, no):
+            return False
+        raise SizeDependent(f"whether {self} {what} {o} depends on the sizes")
+
+    def __eq__(self, o):
+        return self._cmp(o, "is_zero", "is_nonzero", "==")
+
+    def __ne__(self, o):
+        return self._cmp(o, "is_nonzero", "is_zero", "!=")
+
+    def __lt__(self, o):
+        return self._cmp(o, "is_negative", "is_nonnegative", "<")
+
+    def __le__(self, o):
+        return self._cmp(o, "is_nonpositive", "is_positive", "<=")
+
+    def __gt__(self, o):
+        return self._cmp(o, "is_positive", "is_nonpositive", ">")
+
+    def __ge__(self, o):
+        return self._cmp(o, "is_nonnegative", "is_negative", ">=")
+
+    def __bool__(self) -> bool:
+        return self != 0
+
+
+def size_of(hint: int, expr: sp.Basic, lower: dict) -> int | Size:
+    """A size: a plain int when ``expr`` is a number (static), else a :class:`Size`."""
+    return int(expr) if expr.is_Integer else Size(hint, expr, lower)
+
+
+def hint_of(x):
+    """The example value of a size (an int as it is)."""
+    return x.hint if isinstance(x, Size) else x
+
+
 @dataclass(frozen=True)
 class AV:
     """Abstract value of a tensor node: ``expr`` over ``AXES``, its ``shape`` and ``dtype``."""
@@ -74,6 +205,9 @@ def round_int(e, dtype: torch.dtype) -> sp.Basic:
 
 
 def num(x) -> sp.Basic:
+    """A Python scalar (or a :class:`Size`, as its symbol) as a sympy constant."""
+    if isinstance(x, Size):
+        return x.expr
     if isinstance(x, bool):
         return sp.true if x else sp.false
     if isinstance(x, int):
@@ -89,7 +223,7 @@ def lift(x) -> AV:
     """A Python scalar as a 0-d value (weak dtype)."""
     if isinstance(x, AV):
         return x
-    dtype = torch.bool if isinstance(x, bool) else torch.int64 if isinstance(x, int) else torch.float64
+    dtype = torch.bool if isinstance(x, bool) else torch.int64 if isinstance(x, (int, Size)) else torch.float64
     return AV(num(x), (), dtype)
 
 
@@ -191,10 +325,12 @@ def _simplify_one(e, hi: dict):
 
 def simplify_index(e: sp.Basic, shape: tuple[int, ...]) -> sp.Basic:
     """Drop ``// d`` and ``% m`` that the axis bounds make trivial (``(12*a2 + a1) // 12 == a2`` when
-    ``a1 < 12``): reshapes compose into these. Exact: each step uses proven bounds only."""
+    ``a1 < 12``): reshapes compose into these. Exact: each step uses proven bounds only (static
+    extents; a :class:`Size` extent bounds nothing)."""
     if not e.atoms(sp.floor, sp.Mod):
         return e
-    hi = {AXES[k]: shape[len(shape) - k] - 1 for k in range(1, len(shape) + 1)}
+    # a symbolic extent (a Size) gives no bound: what it would drop holds at the example size only
+    hi = {AXES[k]: shape[len(shape) - k] - 1 for k in range(1, len(shape) + 1) if type(shape[len(shape) - k]) is int}
 
     def walk(x):
         if not x.args or not isinstance(x, sp.Basic):

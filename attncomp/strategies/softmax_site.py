@@ -38,22 +38,16 @@ __all__ = ["AttentionKernel", "KernelMask", "Unsupported", "kernel_failed", "rep
 
 @dataclass(frozen=True)
 class KernelMask:
-    """A proven mask of the site (see ``attncomp.analyze.MaskUse``): ``static`` AND
-    ``keep_fn(terms[keep_term])``; hidden positions get ``fill`` in eager. With ``check_term`` (a
-    graph with symbolic sizes, proved at its example shape), ``terms[check_term]`` is the graph's own
-    mask, used by the score step ``op``: each call checks it against the proof."""
+    """A proven mask of the site (see ``attncomp.frontend.analyze.MaskUse``): ``static`` AND
+    ``keep_fn(terms[keep_term])``; hidden positions get ``fill`` in eager, applied by the graph's
+    score step ``op``. The proof holds for every shape the graph admits (proved for every length, or
+    the graph is specialised by a guard): nothing is checked per call."""
 
     static: Mask
     keep_term: int | None
     keep_fn: object
     fill: float
-    check_term: int | None = None
     op: str = "masked_fill"  # the step that applies it in the graph: masked_fill / masked_fill_not / add
-
-
-_CHECKS: list = []  # recent per-call mask checks (weak refs to the tensors), shared by sites reading one mask
-MISMATCH = ("calls at shapes where the graph's mask differs from the one proved at the example shape ran the "
-            "site's own computation")
 
 
 _PADDING: list = []  # recent key-padding tensors derived from one run-time mask (weak refs), shared by its sites
@@ -110,15 +104,6 @@ def as_step_operand(m: KernelMask, visible: Tensor, dtype) -> Tensor:
     if m.op == "add":
         return torch.zeros((), dtype=dtype, device=visible.device).masked_fill(~visible, m.fill)
     return visible
-
-
-def _holds(m: KernelMask, actual: Tensor, visible: Tensor) -> bool:
-    """Whether the graph's mask ``actual`` (as step ``m.op`` uses it) equals the proof ``visible``."""
-    try:
-        a, b = torch.broadcast_tensors(actual, as_step_operand(m, visible, actual.dtype))
-    except RuntimeError:
-        return False
-    return bool(torch.equal(a, b))
 
 
 def _ref(x, terms):
@@ -245,7 +230,6 @@ class AttentionKernel(Approximation, SiteModule):
             raise Unsupported("q and k batch dims differ")
         if q.dim() > 4:
             raise Unsupported("more than two batch dims")
-        self._check_masks(q.shape[-2], k.shape[-2], terms, q.device)
         shape = (*q.shape[:-1], k.shape[-2])
         scale, bias, keep, fill = self.folded or replay(self.steps, terms, shape, q.device)
         if isinstance(scale, Tensor):
@@ -344,27 +328,6 @@ class AttentionKernel(Approximation, SiteModule):
         k, v = runtime.repeat_kv(k, groups), runtime.repeat_kv(v, groups)
         return linear_attention(q, k, v, feature_map=self.approx.feature_map, causal=self._causal(),
                                 chunk=self.approx.chunk)
-
-    def _check_masks(self, Lq: int, Lk: int, terms, device) -> None:
-        """Masks proved at the example shape of a graph with symbolic sizes: the graph's mask of this
-        call must equal the proof (checked once per mask tensor, for all the sites reading it)."""
-        for m in self.masks:
-            if m.check_term is None:
-                continue
-            if torch.compiler.is_compiling():
-                raise _EagerThisCall("calls inside torch.compile ran the site's own computation (a mask proved at "
-                                     "one shape is checked per call, which a compiled graph cannot do)")
-            actual = terms[m.check_term]
-            keep = terms[m.keep_term] if m.keep_term is not None else None
-            key = (m.static, m.keep_fn, m.op, m.fill, Lq, Lk, _version(actual), _version(keep))
-            verdict = next((v for a, kp, k2, v in _CHECKS
-                            if a() is actual and k2 == key and (keep is None or kp() is keep)), None)
-            if verdict is None:
-                verdict = _holds(m, actual, self._visible(Lq, Lk, terms, device, (m,)))
-                _CHECKS.insert(0, (weakref.ref(actual), None if keep is None else weakref.ref(keep), key, verdict))
-                del _CHECKS[8:]
-            if not verdict:
-                raise _EagerThisCall(MISMATCH)
 
     def _keep(self, terms) -> Tensor | None:
         """The proven masks' run-time part: a bool tensor broadcastable to the scores, or None."""

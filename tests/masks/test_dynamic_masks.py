@@ -1,6 +1,7 @@
-"""Masks under dynamic shapes: after Dynamo's automatic-dynamic recompile a mask is proved at the
-graph's example shape and every call checks the graph's own mask against that proof; a call where
-they differ runs the site's own computation (exact), and explain says so."""
+"""Masks under dynamic shapes: after Dynamo's automatic-dynamic recompile a mask whose predicate holds no
+size is proved for every length (no per-call check, no recompile for a new length); a mask whose proof
+needs the example sizes specialises the graph to them by a guard, so each new length recompiles and is
+proved again there. explain says which."""
 
 import math
 
@@ -9,12 +10,9 @@ import torch
 from torch import nn
 
 import attncomp
-from attncomp.strategies.softmax_site import MISMATCH
 from conftest import rel_err, tiny_gpt2
 
 H, D = 2, 8
-
-
 class Attn(nn.Module):
     """q, k, v from one projection; the mask is built from the length by ``hidden(L)``."""
 
@@ -38,39 +36,41 @@ def shifting(L, device):  # visible up to L//2 - 4 keys past the diagonal: the m
     return torch.ones(L, L, dtype=torch.bool, device=device).triu(L // 2 - 3)
 
 
-def _latest(fast):
+def _latest(fast, graphs: int = 2):
     rep = attncomp.explain(fast)
-    assert rep.graphs == 2 and len(rep.replaced) == 1, str(rep)  # the static graph, then the dynamic one
+    assert rep.graphs == graphs and len(rep.replaced) == 1, str(rep)  # the static graph, then the dynamic ones
     return rep.replaced[0]
 
 
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
-def test_causal_mask_stays_proved_after_the_dynamic_recompile(mode):
+def test_causal_mask_is_proved_for_every_length(mode):
     model = Attn(causal).eval()
     fast = attncomp.optimize(model)
     with mode():
         for L in (16, 20, 24, 30):
             x = torch.randn(2, L, H * D)
             assert rel_err(fast(x), model(x)) <= 1e-5
-    row = _latest(fast)
+    row = _latest(fast)  # 24 and 30 reuse the graph of 20: nothing was specialised
     assert str(row.spec.mask) == "causal" and row.strategy != "eager"
-    assert "sizes are symbolic" in row.reason and "checked against the graph's mask on every call" in row.reason
+    assert "proved for every length" in row.reason and "specialised" not in row.reason
     assert row.kernel.calls == {"fused": 3, "literal": 0} and row.kernel.eager_calls_note is None
 
 
 @torch.no_grad()
-def test_a_mask_that_changes_with_the_length_runs_exactly_where_the_proof_fails():
+def test_a_mask_that_changes_with_the_length_is_specialised_by_a_guard():
     model = Attn(shifting).eval()
     fast = attncomp.optimize(model)
-    for L in (16, 20, 20, 24, 28):
+    for L in (16, 20, 20, 24, 28, 24):
         x = torch.randn(2, L, H * D)
         assert rel_err(fast(x), model(x)) <= 1e-5
-    row = _latest(fast)  # proved at L=20: Causal(offset 7); at 24 and 28 the offset differs
-    assert row.kernel.calls == {"fused": 2, "literal": 2}
-    assert row.kernel.eager_calls_note == MISMATCH and MISMATCH in str(attncomp.explain(fast))
+    # 16 static; 20, 24, 28 each a graph guarded to its length (the second 24 reuses its graph)
+    row = _latest(fast, graphs=4)
+    assert str(row.spec.mask) == "causal(+10)" and row.strategy != "eager"  # triu(28 // 2 - 3) hides kv >= q + 11
+    assert "specialised to 28x28 (guard" in row.reason
+    assert row.kernel.calls == {"fused": 1, "literal": 0}
 
 
-def test_gradients_with_a_checked_mask():
+def test_gradients_with_a_mask_proved_for_every_length():
     model = Attn(causal)
     fast = attncomp.optimize(model)
     for L in (12, 16, 20):
@@ -85,7 +85,7 @@ def test_gradients_with_a_checked_mask():
 
 @pytest.mark.parametrize("pad", [0, 3])
 @torch.no_grad()
-def test_key_padding_from_a_runtime_mask_is_checked_per_call(pad):
+def test_key_padding_from_a_runtime_mask_is_proved_for_every_length(pad):
     model = tiny_gpt2(use_cache=False).eval()
     fast = attncomp.optimize(model)
     for L in (20, 24, 28, 31):
@@ -100,4 +100,5 @@ def test_key_padding_from_a_runtime_mask_is_checked_per_call(pad):
     assert rep.graphs == 2 and len(rep.replaced) == 2, str(rep)
     for r in rep.replaced:
         assert str(r.spec.mask) == "causal & key_padding" and r.plan.variant == "dense-padding"
+        assert "proved for every length" in r.reason
         assert r.kernel.calls == {"fused": 3, "literal": 0}
