@@ -121,6 +121,9 @@ class MaskUse:
     not_general: str = ""
 
 
+SHORT_QUERIES = 16  # query blocks this short (decode steps) keep a size-dependent mask as a tensor
+
+
 def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None,
                     guards: SizeGuards | None = None) -> tuple[list, list[MaskUse]] | str:
     """Replace the proven mask steps of ``site.steps`` by ``ProvedMask(i)`` (``i`` indexes the returned
@@ -161,6 +164,13 @@ def recognise_masks(site: Site, spec: AttentionSpec, memo: dict | None = None,
         if fact.general:
             return MaskUse(fact.static, fact.keep_src, fact.keep_fn, fill, fact.proof, node, op)
         sizes = fact.sizes + grid
+        q_rows = rows[0][-2] if rows[0] is not None and len(rows[0]) > 1 else None
+        if type(q_rows) is int and q_rows <= SHORT_QUERIES and grid:
+            # a decode step: its mask is (..., Lq, Lk) with Lq tiny, cheap to keep as a tensor, while a guard on
+            # the key length would recompile the graph at every step of a generation
+            return (f"a mask proved at the example shape {Lq}x{Lk} only ({fact.not_general}); with {q_rows} "
+                    "queries per call (a decode step) it stays a run-time tensor rather than specialising the "
+                    "graph to every key length")
         why = "the graph is not Dynamo's: it cannot be specialised" if guards is None else guards.why_not(sizes)
         if why:
             return f"a mask proved at the example shape {Lq}x{Lk} only, and {why}"
