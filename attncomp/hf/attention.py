@@ -3,9 +3,10 @@ transformers model on attncomp's ops, with the mask as an :class:`~attncomp.hf.m
 
 Which op runs (``q`` ``(B, Hq, Lq, D)``, ``k`` / ``v`` ``(B, Hkv, Lk, D)``, GQA without repeating k, v):
 
-* ``Lq == 1`` (a decode step): the visible keys are one range of the cache, cut by key padding; it is
-  passed as an additive ``(B, 1, 1, Lk)`` row to ``attncomp::dense_fwd`` (:func:`decode_step`: the one
-  place where the split-KV decode op ``attncomp::decode_fwd`` will plug in).
+* ``Lq == 1`` (a decode step): the visible keys are one range of the cache, cut by key padding. Without
+  key padding (and without grad) the split-KV decode op ``attncomp::decode_fwd`` with that range's
+  length and window; with key padding (or grad) an additive ``(B, 1, 1, Lk)`` row to
+  ``attncomp::dense_fwd`` (:func:`decode_step`).
 * full or causal (any offset: bottom-right aligned after a cache), with or without key padding:
   ``attncomp::dense_fwd`` with ``causal_offset`` and an additive ``(B, 1, 1, Lk)`` padding row.
 * a sliding window: the block-sparse ``attncomp.ops.attention(q, k, v, ir.Window(...), keep=padding)``,
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from attncomp import ir
 from attncomp.hf.masks import AttncompMask
+from attncomp.strategies.decode.op import decode_fwd  # the custom op attncomp::decode_fwd
 from attncomp.strategies.sparse.masked import attention as masked_attention  # attncomp.ops.attention
 
 
@@ -38,17 +40,47 @@ def _padding_bias(padding: Tensor | None, row: Tensor | None, like: Tensor) -> T
     return torch.where(keep, zero, float("-inf"))[:, None, None, :]
 
 
+def decode_range(mask: AttncompMask, Lk: int) -> tuple[int, int | None] | None:
+    """The decode op's ``(kv_len, window_left)`` for the one query of a decode step over ``Lk`` keys, or None.
+
+    The query at ``delta = mask.delta`` sees the keys ``j`` of ``mask.band`` around it: the range
+    ``[delta - left, delta + right]`` cut to ``[0, Lk)``. ``attncomp::decode_fwd`` places its query at
+    ``kv_len - 1`` and reads ``[kv_len - 1 - window_left, kv_len - 1]``: ``kv_len = end + 1`` and
+    ``window_left = end - start`` (None: no left bound). None when the range is empty (the dense path
+    then gives such a row its zeros). Python ints only: no tensor is read."""
+    right, left = mask.band.right, mask.band.left
+    end = Lk - 1 if right is None else min(mask.delta + right, Lk - 1)
+    if end < 0:
+        return None
+    if left is None:
+        return end + 1, None
+    start = mask.delta - left
+    if start > end:
+        return None
+    return end + 1, end - start
+
+
 def decode_step(q: Tensor, k: Tensor, v: Tensor, mask: AttncompMask, scale: float, softcap: float) -> Tensor:
     """One query per sequence against the cache: q ``(B, Hq, 1, D)``, k ``(B, Hkv, Lk, D)`` → ``(B, Hq, 1, Dv)``.
 
     The visible keys are ``mask.band`` at ``delta = q_offset - kv_offset`` (a contiguous range) and the
-    key padding.
+    key padding. Without key padding, and when no input needs a gradient (the decode op is forward
+    only), the range goes to the split-KV decode op ``attncomp::decode_fwd`` (:func:`decode_range`):
+    ``kv_lens=None`` when the range ends at the last key (a DynamicCache), else a ``(B,)`` tensor of the
+    one length (a StaticCache's unwritten slots lie past it) made from a Python int, no host read. With
+    key padding (a ``(B, Lk)`` row per sequence, which the decode op has no input for; whether a row is a
+    plain prefix would need a host read) or a gradient, an additive ``(B, 1, 1, Lk)`` row goes to
+    ``attncomp::dense_fwd``.
     """
-    # DECODE OP: replace this call with attncomp::decode_fwd(q, k, v, kv_lens, scale, window_left, softcap,
-    # n_splits) once it lands (attncomp/strategies/decode/). Its inputs: kv_lens = delta + 1 (keys
-    # past the query are cache slots not yet written), window_left = mask.band.left (None: no window),
-    # and the padding row as a per-sequence mask / start.
-    row = mask.band.row(mask.delta, k.shape[2], q.device)
+    Lk = k.shape[2]
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    span = None if mask.key_padding is not None or grad else decode_range(mask, Lk)
+    if span is not None:
+        kv_len, window_left = span
+        kv_lens = None if kv_len == Lk else torch.full((q.shape[0],), kv_len, dtype=torch.int64, device=q.device)
+        out, _ = decode_fwd(q, k, v, kv_lens, scale, window_left, softcap, 0)
+        return out
+    row = mask.band.row(mask.delta, Lk, q.device)
     bias = _padding_bias(mask.key_padding, row, q)
     out, _ = torch.ops.attncomp.dense_fwd(q, k, v, bias, scale, None, softcap)
     return out
