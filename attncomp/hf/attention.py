@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from attncomp import ir
 from attncomp.hf.masks import AttncompMask
 from attncomp.strategies.decode.op import decode_fwd  # the custom op attncomp::decode_fwd
+from attncomp.strategies.dense import op as dense_op
 from attncomp.strategies.sparse.masked import attention as masked_attention  # attncomp.ops.attention
 
 
@@ -82,7 +83,7 @@ def decode_step(q: Tensor, k: Tensor, v: Tensor, mask: AttncompMask, scale: floa
         return out
     row = mask.band.row(mask.delta, Lk, q.device)
     bias = _padding_bias(mask.key_padding, row, q)
-    out, _ = torch.ops.attncomp.dense_fwd(q, k, v, bias, scale, None, softcap)
+    out, _ = dense_op.run(q, k, v, bias, scale, None, softcap, exact_lse=False)  # lse unused
     return out
 
 
@@ -93,7 +94,7 @@ def _run(q: Tensor, k: Tensor, v: Tensor, pattern, padding: Tensor | None, scale
         keep = None if padding is None else padding[:, None, None, :]
         return masked_attention(q, k, v, pattern, keep=keep, scale=scale, softcap=softcap)
     offset = pattern.offset if isinstance(pattern, ir.Causal) else None
-    out, _ = torch.ops.attncomp.dense_fwd(q, k, v, _padding_bias(padding, None, q), scale, offset, softcap)
+    out, _ = dense_op.run(q, k, v, _padding_bias(padding, None, q), scale, offset, softcap, exact_lse=False)
     return out
 
 

@@ -186,6 +186,11 @@ class AttentionKernel(Approximation, SiteModule):
         self.decode_window = decode_window(plan.spec) if plan.variant == "decode" else None
         # a program with no run-time operand folds once, here: (scale, bias, keep, fill) of every call
         self.folded = None if _reads_terms(steps) else replay(steps, (), (), None)
+        # the plain variants skip the general path: nothing to replay, view, approximate or ring
+        self.direct = (self.folded is not None and isinstance(self.folded[0], float)
+                       and self.folded[1:3] == (None, None) and not any(views) and not out_views
+                       and plan.variant in ("dense", "dense-causal", "dense-padding")
+                       and self.run_hook is None and approx is None and (plan.variant != "dense" or not masks))
         # the proved masks' run-time part is key padding ((B, 1, 1, Lk) keep): hidden keys are hidden from
         # every query, so their k rows can be zeroed and the mask folded into a per-key shift exactly
         self.column_keep = bool(masks) and all(m.keep_term is None or isinstance(m.keep_fn, KeyPadding)
@@ -203,8 +208,24 @@ class AttentionKernel(Approximation, SiteModule):
         return self._dropout() == 0.0  # training dropout: the site's own nodes (same random stream)
 
     def fused(self, q: Tensor, k: Tensor, v: Tensor, *terms) -> Tensor:
+        if self.direct and self.ring is None and q.dim() == 4 and k.dim() == 4 and v.dim() == 4:
+            return self._direct(q, k, v, terms)
         q, k, v = (_apply_views(t, vw) for t, vw in zip((q, k, v), self.views))
         return _apply_views(self._fused(q, k, v, terms), self.out_views)
+
+    def _direct(self, q: Tensor, k: Tensor, v: Tensor, terms) -> Tensor:
+        """The steady state of the plain variants (``self.direct``): a folded constant scale, no views,
+        4-D q, k, v — straight to the variant's kernel."""
+        if not (self.kv_groups > 1 or self.sdpa.get("enable_gqa")) and k.shape[:2] != q.shape[:2]:
+            raise Unsupported("q and k batch dims differ")
+        scale = self.folded[0]
+        if self.sdpa:
+            s = self.sdpa.get("scale")
+            scale = scale * (1.0 / math.sqrt(q.shape[-1]) if s is None else s)
+        if self.masks:
+            return self._masked(q, k, v, None, float(scale), terms)
+        causal = 0 if self.sdpa.get("is_causal") else None
+        return runtime.run(q, k, v, None, float(scale), causal, 0.0, exact_lse=False)[0]
 
     def eager_bytes(self, inputs: tuple) -> int:
         q, k = (_apply_views(t, vw) for t, vw in zip(inputs[:2], self.views))

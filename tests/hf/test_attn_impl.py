@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from models import batch, causal_lm, with_impl
+from models import AttncompCalls, batch, causal_lm, with_impl
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attncomp
@@ -22,19 +22,6 @@ def _loss_weights(logits):
     return torch.randn(logits.shape, generator=torch.Generator().manual_seed(5))
 
 
-class _AttncompOps(TorchDispatchMode):
-    """Records the attncomp custom ops that run."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "attncomp":
-            self.calls.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_logits_and_tokens_match_eager(kind, side):
@@ -42,7 +29,7 @@ def test_logits_and_tokens_match_eager(kind, side):
     fast = with_impl(ref, "attncomp")
     ids, mask = batch(side=side)
     keep = mask.bool()
-    ops = _AttncompOps()
+    ops = AttncompCalls()
     with torch.no_grad():
         a = ref(ids, attention_mask=mask).logits
         with ops:

@@ -3,8 +3,7 @@ is exact (no key padding, no grad), on ``attncomp::dense_fwd`` elsewhere; tokens
 
 import pytest
 import torch
-from models import batch, causal_lm, with_impl
-from torch.utils._python_dispatch import TorchDispatchMode
+from models import AttncompCalls, batch, causal_lm, with_impl
 
 from attncomp.hf.attention import decode_range, decode_step
 from attncomp.hf.masks import AttncompMask, Band
@@ -13,22 +12,6 @@ from conftest import rel_err
 transformers = pytest.importorskip("transformers")
 
 NEW = 16
-
-
-class _Ops(TorchDispatchMode):
-    """Counts attncomp's custom ops by name and query length (axis 2 of q)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "attncomp":
-            self.calls.append((func._opname, args[0].shape[2]))
-        return func(*args, **(kwargs or {}))
-
-    def count(self, name: str, Lq: int | None = None) -> int:
-        return sum(1 for n, lq in self.calls if n == name and (Lq is None or lq == Lq))
 
 
 def _generate(model, ids, mask, cache):
@@ -42,7 +25,7 @@ def test_unpadded_greedy_decode_runs_the_decode_op(kind, cache):
     ref = causal_lm(kind)
     fast = with_impl(ref, "attncomp")
     ids, mask = batch(B=2, L=20, pad=0)  # prompt 20 + 16 new tokens: past mistral's and gemma2's window of 8
-    ops = _Ops()
+    ops = AttncompCalls()
     with ops:
         got = _generate(fast, ids, mask, cache)
     assert torch.equal(got, _generate(ref, ids, mask, cache))
@@ -57,7 +40,7 @@ def test_padded_batch_keeps_the_dense_decode(kind):
     ref = causal_lm(kind)
     fast = with_impl(ref, "attncomp")
     ids, mask = batch(B=2, L=20, pad=5, side="left")
-    ops = _Ops()
+    ops = AttncompCalls()
     with ops:
         got = _generate(fast, ids, mask, None)
     assert torch.equal(got, _generate(ref, ids, mask, None))
@@ -73,7 +56,7 @@ def test_a_decode_step_with_grad_stays_differentiable():
     for m in (ref, fast):
         with torch.no_grad():
             past = m(ids[:, :-1], use_cache=True).past_key_values
-        ops = _Ops()
+        ops = AttncompCalls()
         with ops:
             logits = m(ids[:, -1:], past_key_values=past, use_cache=True).logits
             logits.square().sum().backward()
@@ -125,7 +108,7 @@ def test_decode_step_matches_a_float64_reference(band, q_offset, kv_offset, Lk, 
     q = torch.randn(B, Hq, 1, D, generator=g)
     k, v = (torch.randn(B, Hkv, Lk, D, generator=g) for _ in range(2))
     m = _mask(Band(*band), q_offset, kv_offset, Lk, B)
-    ops = _Ops()
+    ops = AttncompCalls()
     with torch.no_grad(), ops:
         out = decode_step(q, k, v, m, 0.25, softcap)
     assert ops.count("decode_fwd") == (want is not None), ops.calls

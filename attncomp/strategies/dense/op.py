@@ -115,6 +115,10 @@ def run(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
         return dense_fwd(q, k, v, bias, scale, causal_offset, softcap)
     if use_triton(q):  # the kernels' own limits (head dim), as the op checks them
         validate.check_qkv(q, k, v, name_prefix="dense_fwd: ")
+    elif (not exact_lse and bias is None and softcap == 0.0 and causal_offset in (None, 0)
+          and k.shape[-1] == v.shape[-1] and not validate.is_empty(q, k, v)):  # the common case, directly
+        groups = q.shape[1] // k.shape[1]
+        return cpu_flash(q, repeat_kv(k, groups), repeat_kv(v, groups), causal_offset == 0, None, scale)
     return _forward(q, k, v, bias, scale, causal_offset, softcap, exact_lse)
 
 
