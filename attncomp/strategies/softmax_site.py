@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from attncomp.ir import Causal, Mask, Plan, mask_and, static_part
-from attncomp.ir.program import BIG, Cast, ProvedMask, Scale, Unfoldable, fold, map_operands
+from attncomp.ir.program import BIG, AddBias, Cast, ProvedMask, Scale, Unfoldable, fold, map_operands
 from attncomp.masks import blocks
 from attncomp.masks.analysis import KeyPadding
 from attncomp.runtime.approx import Approximation
@@ -117,6 +117,21 @@ def _reads_terms(steps) -> bool:
                    for s in steps)
 
 
+def _scale_then_terms(steps) -> tuple | None:
+    """``(scale, (j, ...))`` when the program is constant scales followed by additive run-time terms
+    ``terms[j]`` (coefficient 1) and casts — ``s·scale + Σ terms`` — else None."""
+    scale, idx = 1.0, []
+    for st in steps:
+        if isinstance(st, Scale) and isinstance(st.factor, (int, float)) and not idx:
+            scale = scale / st.factor if st.divide else scale * st.factor
+        elif (isinstance(st, AddBias) and st.coef == 1.0 and isinstance(st.term, tuple) and len(st.term) == 2
+              and st.term[0] == "term"):
+            idx.append(st.term[1])
+        elif not isinstance(st, Cast):
+            return None
+    return (float(scale), tuple(idx)) if idx and scale > 0 else None
+
+
 def _apply_views(x: Tensor, views) -> Tensor:
     for name, args in views:
         x = getattr(x, name)(*args)
@@ -186,9 +201,12 @@ class AttentionKernel(Approximation, SiteModule):
         self.decode_window = decode_window(plan.spec) if plan.variant == "decode" else None
         # a program with no run-time operand folds once, here: (scale, bias, keep, fill) of every call
         self.folded = None if _reads_terms(steps) else replay(steps, (), (), None)
+        # constant scales, then additive run-time terms (a model's own mask tensor): scale and term indices
+        self.bias_terms = None if masks else _scale_then_terms(steps)
         # the plain variants skip the general path: nothing to replay, view, approximate or ring
-        self.direct = (self.folded is not None and isinstance(self.folded[0], float)
-                       and self.folded[1:3] == (None, None) and not any(views) and not out_views
+        plain = ((self.folded is not None and isinstance(self.folded[0], float) and self.folded[1:3] == (None, None))
+                 or self.bias_terms is not None)
+        self.direct = (plain and not any(views) and not out_views
                        and plan.variant in ("dense", "dense-causal", "dense-padding")
                        and self.run_hook is None and approx is None and (plan.variant != "dense" or not masks))
         # the proved masks' run-time part is key padding ((B, 1, 1, Lk) keep): hidden keys are hidden from
@@ -218,14 +236,22 @@ class AttentionKernel(Approximation, SiteModule):
         4-D q, k, v — straight to the variant's kernel."""
         if not (self.kv_groups > 1 or self.sdpa.get("enable_gqa")) and k.shape[:2] != q.shape[:2]:
             raise Unsupported("q and k batch dims differ")
-        scale = self.folded[0]
+        scale, bias = (self.folded[0], None) if self.bias_terms is None else self.bias_terms
         if self.sdpa:
             s = self.sdpa.get("scale")
             scale = scale * (1.0 / math.sqrt(q.shape[-1]) if s is None else s)
         if self.masks:
             return self._masked(q, k, v, None, float(scale), terms)
         causal = 0 if self.sdpa.get("is_causal") else None
-        return runtime.run(q, k, v, None, float(scale), causal, 0.0, exact_lse=False)[0]
+        if bias is not None:
+            bias = sum(terms[j] for j in bias) if len(bias) > 1 else terms[bias[0]]
+            if bias.dim() > 4 or bias.dtype == torch.bool:
+                return self._fused(q, k, v, terms)
+            bias = _to4d(bias.to(q.dtype))
+        out = runtime.run(q, k, v, bias, float(scale), causal, 0.0, exact_lse=False)[0]
+        if bias is not None and self.plan.spec.empty_rows == "nan":  # a row the terms hide whole: NaN as eager
+            out = out.masked_fill(torch.isneginf(bias).all(-1, keepdim=True), math.nan)
+        return out
 
     def eager_bytes(self, inputs: tuple) -> int:
         q, k = (_apply_views(t, vw) for t, vw in zip(inputs[:2], self.views))
