@@ -82,6 +82,18 @@ def _cpu_fwd(q, k, v, bias, scale, causal_offset, softcap, exact_lse: bool = Tru
         lse = torch.logsumexp(s, -1)
         p = torch.softmax(s, -1).masked_fill(torch.isneginf(lse)[..., None], 0.0)
         return (p @ repeat_kv(v, groups).to(p.dtype)).to(q.dtype), lse.float()
+    if (groups > 1 and causal_offset is None and softcap == 0.0 and k.shape[-1] == v.shape[-1]
+            and (bias is None or (bias.dim() == 4 and bias.shape[1] == 1 and bias.shape[2] == 1))):
+        # GQA whose mask does not depend on the query (a key-padding row, a decode step): the query heads
+        # of one kv head become rows of one problem, so k and v are read once, not repeated
+        B, Hq, Lq, D = q.shape
+        qp = q.reshape(B, k.shape[1], groups * Lq, D)
+        mask = None if bias is None else bias.to(q.dtype).expand(B, k.shape[1], groups * Lq, k.shape[2])
+        out, lse = cpu_flash(qp, k, v, False, mask, scale)
+        out, lse = out.reshape(B, Hq, Lq, v.shape[-1]), lse.float().reshape(B, Hq, Lq)
+        if bias is not None and exact_lse:  # see below: a row with no visible key gets lse -inf
+            lse = lse.masked_fill(torch.isneginf(bias.to(q.dtype)).all(-1).expand(B, Hq, Lq), float("-inf"))
+        return out, lse
     if _cpu_fused_ok(q, softcap, causal_offset) and k.shape[-1] == v.shape[-1]:
         kk, vv = repeat_kv(k, groups), repeat_kv(v, groups)
         mask = None if bias is None else bias.to(q.dtype).expand(
@@ -115,8 +127,9 @@ def run(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
         return dense_fwd(q, k, v, bias, scale, causal_offset, softcap)
     if use_triton(q):  # the kernels' own limits (head dim), as the op checks them
         validate.check_qkv(q, k, v, name_prefix="dense_fwd: ")
-    elif (not exact_lse and bias is None and softcap == 0.0 and causal_offset in (None, 0)
-          and k.shape[-1] == v.shape[-1] and not validate.is_empty(q, k, v)):  # the common case, directly
+    elif (not exact_lse and bias is None and softcap == 0.0 and k.shape[-1] == v.shape[-1]
+          and (causal_offset == 0 or (causal_offset is None and q.shape[1] == k.shape[1]))
+          and not validate.is_empty(q, k, v)):  # the common case, directly (GQA without causal: packed below)
         groups = q.shape[1] // k.shape[1]
         return cpu_flash(q, repeat_kv(k, groups), repeat_kv(v, groups), causal_offset == 0, None, scale)
     return _forward(q, k, v, bias, scale, causal_offset, softcap, exact_lse)
