@@ -66,6 +66,23 @@ def same(a, b) -> bool:
         return False
 
 
+def equal_at_run_time(a, b) -> bool:
+    """``a == b`` is not provable from the graph's shape facts but not refuted either: two symbolic
+    sizes Dynamo traced from separate inputs (a KV cache's keys and values) that no guard ties. An
+    operand contract that requires them equal (SDPA's k and v rows, the rows ``P @ v`` contracts) holds
+    on every call the original model is meant for; the site checks it per call (an int comparison) and
+    runs its eager form when it does not, so such a call does whatever the original op does (torch's
+    CPU SDPA does not check it)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return False
+    try:
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        return not bool(statically_known_true(a != b))
+    except Exception:
+        return False
+
+
 def _same_shape(a, b) -> bool:
     return a is not None and b is not None and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
 
@@ -131,7 +148,7 @@ def prove(site, gm: fx.GraphModule) -> Roles | str:
     if not _batch_ok(q, k, gqa):
         return (f"q {_fmt(q)} and k {_fmt(k)} differ in their batch axes (a product broadcast over batch or heads "
                 "is not fused)")
-    if not same(k[-2], v[-2]) or not _batch_ok(k, v, 1):
+    if not (same(k[-2], v[-2]) or equal_at_run_time(k[-2], v[-2])) or not _batch_ok(k, v, 1):
         return f"v {_fmt(v)} does not have k's rows and batch axes {_fmt(k)}: the probabilities are not applied to v"
     scores = (*q[:-2], q[-2], k[-2])
     if site.rule == "softmax_chain":

@@ -132,6 +132,14 @@ def _scale_then_terms(steps) -> tuple | None:
     return (float(scale), tuple(idx)) if idx and scale > 0 else None
 
 
+def _check_rows(k: Tensor, v: Tensor) -> None:
+    """k and v have the same rows (the roles proof may leave this to the call: symbolic sizes of two
+    cache tensors, :func:`attncomp.frontend.roles.equal_at_run_time`); when they do not, this call runs
+    the site's eager form and gives what the original model gives."""
+    if k.shape[-2] != v.shape[-2]:
+        raise _EagerThisCall(f"k has {k.shape[-2]} rows and v {v.shape[-2]}: the call ran eagerly")
+
+
 def _apply_views(x: Tensor, views) -> Tensor:
     for name, args in views:
         x = getattr(x, name)(*args)
@@ -236,6 +244,7 @@ class AttentionKernel(Approximation, SiteModule):
         4-D q, k, v — straight to the variant's kernel."""
         if not (self.kv_groups > 1 or self.sdpa.get("enable_gqa")) and k.shape[:2] != q.shape[:2]:
             raise Unsupported("q and k batch dims differ")
+        _check_rows(k, v)
         scale, bias = (self.folded[0], None) if self.bias_terms is None else self.bias_terms
         if self.sdpa:
             s = self.sdpa.get("scale")
@@ -277,6 +286,7 @@ class AttentionKernel(Approximation, SiteModule):
             raise Unsupported("q and k batch dims differ")
         if q.dim() > 4:
             raise Unsupported("more than two batch dims")
+        _check_rows(k, v)
         shape = (*q.shape[:-1], k.shape[-2])
         scale, bias, keep, fill = self.folded or replay(self.steps, terms, shape, q.device)
         if isinstance(scale, Tensor):

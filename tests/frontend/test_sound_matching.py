@@ -156,6 +156,56 @@ def test_broadcast_keys_left_with_reason():
     assert row.status == "left" and "batch axes" in row.reason
 
 
+class SeparateCaches(nn.Module):
+    """Keys and values as separate inputs, as a KV cache hands them over: after Dynamo's dynamic
+    recompile their lengths are two symbols no guard ties."""
+
+    def __init__(self, chain: bool):
+        super().__init__()
+        self.chain = chain
+
+    def forward(self, q, k, v):
+        if self.chain:
+            return torch.softmax(q @ k.transpose(-1, -2) / 4.0, -1) @ v
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("chain", [False, True])
+def test_value_rows_of_a_separate_symbolic_input_are_checked_per_call(chain):
+    torch.manual_seed(0)
+    model = SeparateCaches(chain)
+    fast = attncomp.optimize(model, strategy="dense")
+    q = torch.randn(1, 2, 1, 16)
+    for L in (300, 310, 320):  # the second length makes Dynamo trace k's and v's lengths as symbols
+        k, v = torch.randn(1, 2, L, 16), torch.randn(1, 2, L, 16)
+        assert rel_err(fast(q, k, v), model(q, k, v)) < 1e-5
+    rep = attncomp.explain(fast)
+    assert rep.dynamic_graphs == 1
+    row = rep.rows[0]
+    assert row.status == "replaced", str(rep)
+    assert row.kernel.calls["fused"] >= 2
+    if not chain:  # SDPA's k and v lengths: two symbols no guard ties (a matmul's meta ties them for the chain)
+        assert str(row.roles.k[-2]) != str(row.roles.v[-2]), row.roles
+    # a call whose k and v differ in rows: not what either op is for. The site runs its own nodes for it, so it
+    # gives exactly what the original gives (torch's CPU SDPA does not check the rows; a matmul raises)
+    site = row.kernel
+    literal = site.calls["literal"]
+    k, v = torch.randn(1, 2, 330, 16), torch.randn(1, 2, 331, 16)
+    try:
+        want = model(q, k, v)
+    except RuntimeError as e:
+        with pytest.raises(RuntimeError, match="331"):
+            site(q, k, v)
+        assert "331" in str(e)
+    else:
+        assert torch.equal(site(q, k, v), want)
+    assert site.calls["literal"] == literal + 1
+    assert "k has 330 rows and v 331" in site.eager_calls_note
+    assert site.fallback_reason is None  # later calls stay fused
+    k, v = torch.randn(1, 2, 340, 16), torch.randn(1, 2, 340, 16)
+    assert rel_err(site(q, k, v), model(q, k, v)) < 1e-5 and site.calls["literal"] == literal + 1
+
+
 # ------------------------------------------------------------------------------------------------
 # first-call verification
 # ------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch
 from models import batch, causal_lm, with_impl
 
 import attncomp
+from attncomp.strategies.decode.plan import DECODE_MIN_KEYS
 from conftest import rel_err
 
 transformers = pytest.importorskip("transformers")
@@ -41,6 +42,21 @@ def test_greedy_matches_and_recompiles_are_bounded(kind):
     rep = _assert_through_attncomp(fast, ref.config.num_hidden_layers)
     assert 2 <= rep.graphs <= GRAPH_BOUND, f"{rep.graphs} Dynamo graphs over {NEW} tokens"
     assert rep.graph_breaks == 0
+
+
+def test_unpadded_decode_steps_run_the_split_kv_variant():
+    # an sdpa model's decode step is one SDPA call with no mask; with the cache past DECODE_MIN_KEYS the
+    # planner picks the decode kernel, also in the graph traced with a dynamic cache length (where the
+    # keys and values are two cache tensors whose lengths are separate symbols)
+    ref = with_impl(causal_lm("llama"), "sdpa")
+    fast = attncomp.optimize(ref)
+    ids, mask = batch(L=DECODE_MIN_KEYS + 4, pad=0)
+    out = _generate(fast, ids, mask, do_sample=False)
+    assert torch.equal(out, _generate(ref, ids, mask, do_sample=False))
+    rep = _assert_through_attncomp(fast, ref.config.num_hidden_layers)
+    assert rep.dynamic_graphs == 1, str(rep)  # rows show the newest graph: the dynamic decode steps
+    assert {(r.plan.variant, r.plan.reduction) for r in rep.replaced} == {("decode", "split_kv")}, str(rep)
+    assert all(r.kernel.calls["fused"] >= NEW - 3 for r in rep.replaced), str(rep)
 
 
 def test_sampling_with_a_seed_matches():
