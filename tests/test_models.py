@@ -121,6 +121,34 @@ def test_timm_vit(fused, capture):
     _assert_grads_match(list(model.named_parameters()), g_out, g_ref)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_timm_swin_shifted_windows(fused):
+    # shifted-window blocks add their mask to the scores viewed per window, (B/nW, nW, H, N, N), and view
+    # them back: the term is a term on the same elements of the scores, so every block is replaced
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10, img_size=112,
+                              depths=(2, 2), num_heads=(2, 4), embed_dim=32, drop_path_rate=0.0)
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
+    model.eval()
+    x = torch.randn(2, 3, 112, 112)
+    ref = model(x)
+    fast = attncomp.optimize(model)
+    out = fast(x)
+    rep = attncomp.explain(fast)
+    assert len(rep.replaced) == 4 and not rep.left, str(rep)
+    assert rel_err(out, ref) <= 1e-5
+
+    model.train()
+    fast.train()
+    ref = model(x)
+    g_ref = torch.autograd.grad(_loss(ref), list(model.parameters()))
+    out = fast(x)
+    g_out = torch.autograd.grad(_loss(out), list(fast.model.parameters()))
+    _assert_grads_match(list(model.named_parameters()), g_out, g_ref)
+
+
 def test_optimize_does_not_change_the_original():
     model = _hf("gpt2", "eager").eval()
     ids = torch.randint(0, 128, (1, 12))

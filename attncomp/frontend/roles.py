@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import fx
 
 from attncomp.ir import ops_table as T
@@ -120,6 +121,18 @@ def _broadcasts_into_tail(s, scores) -> bool:
     return all(same(a, 1) or same(a, b) for a, b in zip(reversed(s), reversed(scores)))
 
 
+def _viewed(cur: tuple, shape) -> tuple | None:
+    """``cur`` reshaped to ``shape`` (a ``-1`` resolved), or None when a size is not a compile-time int.
+    A reshape keeps the elements' row-major order, so a term added to the viewed scores is a term on
+    the same elements of the scores (the fold expands it to the view and reshapes it back)."""
+    if not all(isinstance(d, int) for d in (*cur, *shape)):
+        return None
+    try:
+        return tuple(torch.empty(cur, device="meta").reshape(tuple(shape)).shape)
+    except RuntimeError:
+        return None
+
+
 def _batch_ok(q: tuple, k: tuple, groups: int) -> bool:
     """k's batch axes are q's, except that k's head axis (third from last) may divide q's."""
     if len(q) != len(k):
@@ -160,12 +173,19 @@ def prove(site, gm: fx.GraphModule) -> Roles | str:
         if not _same_shape(T.shape(sm_in), scores):
             return (f"the score program changes the scores' shape from {_fmt(scores)} to {T.shape(sm_in)} "
                     "before the softmax")
+    cur = scores  # the scores' shape as the program views them (window attention: (B/nW, nW, H, N, N))
     for step in site.steps:
+        if isinstance(step, View):
+            # a view to sizes only the run time knows: its terms are held to the scores' own shape
+            cur = _viewed(cur, step.shape) or scores
+            continue
         terms = [a for a in operands(step) if isinstance(a, fx.Node)]
-        if not isinstance(step, View) and not all(_broadcasts_into(t, scores) for t in terms):
-            bad = next(t for t in terms if not _broadcasts_into(t, scores))
-            return (f"the score term `{bad.name}` {T.shape(bad)} does not broadcast into the scores {_fmt(scores)} "
+        if not all(_broadcasts_into(t, cur) for t in terms):
+            bad = next(t for t in terms if not _broadcasts_into(t, cur))
+            return (f"the score term `{bad.name}` {T.shape(bad)} does not broadcast into the scores {_fmt(cur)} "
                     "(it would enlarge them)")
+    if not _same_shape(cur, scores):
+        return f"the score program leaves the scores viewed as {_fmt(cur)}, not {_fmt(scores)}"
     mask = site.sdpa.get("attn_mask")
     if isinstance(mask, fx.Node) and not _broadcasts_into(mask, scores):
         return f"the SDPA mask `{mask.name}` {T.shape(mask)} does not broadcast into the scores {_fmt(scores)}"

@@ -29,13 +29,17 @@ CASES = {
     "B1-H4/2-L48x80-D16-bias-causal-bottomright": dict(B=1, Hq=4, Hkv=2, Lq=48, Lk=80, D=16, bias="full",
                                                        causal=32),
     "B2-H4/1-L33-D24-keypad": dict(B=2, Hq=4, Hkv=1, Lq=33, Lk=33, D=24, bias="keypad", causal=None),
+    # two head dims (LeViT: keys 16, values 32; and the other way): the fused CPU kernel takes one, so the
+    # narrower side gets zero columns
+    "B2-H4-L49-D16-Dv32-bias": dict(B=2, Hq=4, Hkv=4, Lq=49, Lk=49, D=16, Dv=32, bias="full", causal=None),
+    "B1-H4/2-L40-D32-Dv8-causal-keypad": dict(B=2, Hq=4, Hkv=2, Lq=40, Lk=40, D=32, Dv=8, bias="keypad", causal=0),
 }
 
 
 def _inputs(c, requires_grad=False, dtype=torch.float32):
     q = torch.randn(c["B"], c["Hq"], c["Lq"], c["D"], dtype=dtype)
     k = torch.randn(c["B"], c["Hkv"], c["Lk"], c["D"], dtype=dtype)
-    v = torch.randn(c["B"], c["Hkv"], c["Lk"], c["D"], dtype=dtype)
+    v = torch.randn(c["B"], c["Hkv"], c["Lk"], c.get("Dv", c["D"]), dtype=dtype)
     bias = None
     if c["bias"] == "full":
         bias = torch.randn(1, c["Hq"], c["Lq"], c["Lk"], dtype=dtype)
@@ -61,6 +65,33 @@ def test_dense_fwd_bwd_cpu_matches_float64(name):
     want = torch.autograd.grad(ref, wrt, go.double())
     for a, b in zip(got, want):
         assert rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("exact_lse", [True, False])
+@pytest.mark.parametrize("name", list(CASES))
+def test_inference_entry_matches_float64(name, exact_lse):
+    """``run`` (what site modules call, the op's body without its dispatch under no_grad)."""
+    c = CASES[name]
+    q, k, v, bias = _inputs(c)
+    scale = c["D"] ** -0.5
+    with torch.no_grad():
+        out, lse = R.run(q, k, v, bias, scale, c["causal"], 0.0, exact_lse=exact_lse)
+    ref = reference(q, k, v, bias, scale, c["causal"])
+    assert out.shape == ref.shape and rel_err(out, ref) <= 1e-5
+    if exact_lse:
+        assert lse.shape == ref.shape[:-1]
+        assert torch.allclose(lse.double(), _lse(q, k, bias, scale, c["causal"]), atol=1e-4)
+
+
+def _lse(q, k, bias, scale, causal_offset):
+    g = q.shape[1] // k.shape[1]
+    s = q.double() @ k.double().repeat_interleave(g, 1).transpose(-1, -2) * scale
+    if bias is not None:
+        s = s + bias.double()
+    if causal_offset is not None:
+        i, j = torch.arange(q.shape[2])[:, None], torch.arange(k.shape[2])[None]
+        s = s.masked_fill(j > i + causal_offset, -math.inf)
+    return torch.logsumexp(s, -1)
 
 
 def test_opcheck_dense_fwd():

@@ -71,18 +71,49 @@ def nonfinite(*ts) -> bool:
     return not all(bool(torch.isfinite(t).all()) for t in ts if t is not None)
 
 
+def _one_head_dim(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v with one head dim, for torch's fused CPU kernel (it takes no ``Dv != D``): zero columns
+    appended to q and k (each product gains exact zeros) or to v (the extra output columns are cut)."""
+    D, Dv = k.shape[-1], v.shape[-1]
+    if D < Dv:
+        return torch.nn.functional.pad(q, (0, Dv - D)), torch.nn.functional.pad(k, (0, Dv - D)), v
+    return q, k, torch.nn.functional.pad(v, (0, D - Dv))
+
+
 def _cpu_fwd(q, k, v, bias, scale, causal_offset, softcap, exact_lse: bool = True):
-    groups = q.shape[1] // k.shape[1]
     if exact_lse and nonfinite(q, k):
         # NaN / Inf in q or k: torch's fused kernel propagates them as the scores' arithmetic does, except a
         # row whose visible scores are all -inf (from -inf data), which it gives lse 0, not -inf. The op's
         # contract is exact, so such calls run the math path; a site that knows its empty rows from the
         # proof asks for exact_lse=False and pays no scan (the host read this takes)
-        s = math_scores(q, k, bias, scale, causal_offset, softcap)
-        lse = torch.logsumexp(s, -1)
-        p = torch.softmax(s, -1).masked_fill(torch.isneginf(lse)[..., None], 0.0)
-        return (p @ repeat_kv(v, groups).to(p.dtype)).to(q.dtype), lse.float()
-    if (groups > 1 and causal_offset is None and softcap == 0.0 and k.shape[-1] == v.shape[-1]
+        return _cpu_math(q, k, v, bias, scale, causal_offset, softcap, True, propagate_nan=True)
+    Dv = v.shape[-1]
+    if _cpu_fused_ok(q, softcap, causal_offset):
+        if k.shape[-1] == Dv:
+            return _cpu_fused(q, k, v, bias, scale, causal_offset, exact_lse)
+        out, lse = _cpu_fused(*_one_head_dim(q, k, v), bias, scale, causal_offset, exact_lse)
+        return out[..., :Dv], lse
+    return _cpu_math(q, k, v, bias, scale, causal_offset, softcap, exact_lse)
+
+
+def _cpu_math(q, k, v, bias, scale, causal_offset, softcap, exact_lse: bool, propagate_nan: bool = False):
+    """The scores materialised (soft-capping, causal masks at an offset, NaN / Inf in q or k). A row
+    with no visible key gives 0; ``propagate_nan``: NaN scores stay NaN, as the data's own arithmetic
+    gives them. ``exact_lse=False``: the caller reads no lse, which is not computed."""
+    groups = q.shape[1] // k.shape[1]
+    s = math_scores(q, k, bias, scale, causal_offset, softcap)
+    # softmax, not exp(s - lse): at finfo.min magnitudes (a row that an additive mask hides) lse's log(n)
+    # rounds away and exp(s - lse) would sum to n
+    p = torch.softmax(s, -1)
+    lse = torch.logsumexp(s, -1) if exact_lse or propagate_nan else s.new_empty(s.shape[:-1])
+    p = p.masked_fill(torch.isneginf(lse)[..., None], 0.0) if propagate_nan else p.nan_to_num(0.0)
+    return (p @ repeat_kv(v, groups).to(p.dtype)).to(q.dtype), lse.float()
+
+
+def _cpu_fused(q, k, v, bias, scale, causal_offset, exact_lse: bool):
+    """torch's fused CPU flash kernel: no soft-cap, causal offset 0 or None, one head dim."""
+    groups = q.shape[1] // k.shape[1]
+    if (groups > 1 and causal_offset is None
             and (bias is None or (bias.dim() == 4 and bias.shape[1] == 1 and bias.shape[2] == 1))):
         # GQA whose mask does not depend on the query (a key-padding row, a decode step): the query heads
         # of one kv head become rows of one problem, so k and v are read once, not repeated
@@ -94,34 +125,25 @@ def _cpu_fwd(q, k, v, bias, scale, causal_offset, softcap, exact_lse: bool = Tru
         if bias is not None and exact_lse:  # see below: a row with no visible key gets lse -inf
             lse = lse.masked_fill(torch.isneginf(bias.to(q.dtype)).all(-1).expand(B, Hq, Lq), float("-inf"))
         return out, lse
-    if _cpu_fused_ok(q, softcap, causal_offset) and k.shape[-1] == v.shape[-1]:
-        kk, vv = repeat_kv(k, groups), repeat_kv(v, groups)
-        mask = None if bias is None else bias.to(q.dtype).expand(
-            q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        out, lse = cpu_flash(q, kk, vv, causal_offset == 0, mask, scale)
-        lse = lse.float()
-        if bias is not None and exact_lse:  # the fused kernel gives a row with no visible key lse 0: make it -inf
-            hidden = torch.isneginf(bias.to(q.dtype))  # bias's own (broadcast) shape, not (B, H, Lq, Lk)
-            if causal_offset == 0:
-                upper = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).triu(1)
-                hidden = hidden | upper
-            lse = lse.masked_fill(hidden.all(-1), float("-inf"))
-        return out, lse
-    s = math_scores(q, k, bias, scale, causal_offset, softcap)
-    lse = torch.logsumexp(s, -1)
-    # softmax, not exp(s - lse): at finfo.min magnitudes (a row that an additive mask hides) lse's log(n)
-    # rounds away and exp(s - lse) would sum to n
-    p = torch.softmax(s, -1).nan_to_num(0.0)
-    out = (p @ repeat_kv(v, groups).to(p.dtype)).to(q.dtype)
-    return out, lse.float()
+    kk, vv = repeat_kv(k, groups), repeat_kv(v, groups)
+    mask = None if bias is None else bias.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    out, lse = cpu_flash(q, kk, vv, causal_offset == 0, mask, scale)
+    lse = lse.float()
+    if bias is not None and exact_lse:  # the fused kernel gives a row with no visible key lse 0: make it -inf
+        hidden = torch.isneginf(bias.to(q.dtype))  # bias's own (broadcast) shape, not (B, H, Lq, Lk)
+        if causal_offset == 0:
+            upper = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).triu(1)
+            hidden = hidden | upper
+        lse = lse.masked_fill(hidden.all(-1), float("-inf"))
+    return out, lse
 
 
 def run(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
         causal_offset: int | None, softcap: float = 0.0, exact_lse: bool = True) -> tuple[Tensor, Tensor]:
     """:func:`dense_fwd` for a site module that already holds checked inputs: the custom op when
     autograd needs its formula or a compiler traces the call, else its body directly (the op's
-    dispatch costs more than the kernel on small inputs). ``exact_lse=False``: the caller knows its
-    rows with no visible key itself, and their lse may be any value on CPU."""
+    dispatch costs more than the kernel on small inputs). ``exact_lse=False``: the caller reads only
+    ``out`` (it knows its rows with no visible key itself); on CPU the returned lse is then unspecified."""
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, bias))):
         return dense_fwd(q, k, v, bias, scale, causal_offset, softcap)
