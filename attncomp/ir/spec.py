@@ -100,6 +100,8 @@ class AttentionSpec:
     form: LinearForm | TensorForm | None = None  # kernel "linear" / "tensor": what the site computes
     # the eager site is already one fused kernel call with nothing to skip (an SDPA call without a mask tensor)
     fused_eager: bool = False
+    # the device type the site was captured on ("cpu", "cuda"): where a strategy's gain was measured per device
+    device: str = "cpu"
 
     def with_(self, **changes) -> AttentionSpec:
         return replace(self, **changes)

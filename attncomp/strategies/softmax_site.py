@@ -22,6 +22,7 @@ from attncomp.ir.program import BIG, AddBias, Cast, ProvedMask, Scale, Unfoldabl
 from attncomp.masks import blocks
 from attncomp.masks.analysis import KeyPadding
 from attncomp.runtime.approx import Approximation
+from attncomp.runtime.device import use_triton
 from attncomp.runtime.site import EagerThisCall as _EagerThisCall
 from attncomp.runtime.site import SiteModule, Unsupported, kernel_failed
 from attncomp.strategies import REGISTRY
@@ -206,6 +207,7 @@ class AttentionKernel(Approximation, SiteModule):
         self.run_hook = strategy_run(plan.strategy)  # a registered strategy's own op (looked up once)
         self.expr = self.static.expr() if masks else None
         self.block_sizes: dict = {}  # block-sparse tile sizes per call shape (choose_blocks, once each)
+        self.static_shifts: dict = {}  # the dense variant's static mask as a shift, per shape (_static_shift)
         self.decode_window = decode_window(plan.spec) if plan.variant == "decode" else None
         # a program with no run-time operand folds once, here: (scale, bias, keep, fill) of every call
         self.folded = None if _reads_terms(steps) else replay(steps, (), (), None)
@@ -216,9 +218,11 @@ class AttentionKernel(Approximation, SiteModule):
                  or self.bias_terms is not None)
         self.direct = (plain and not any(views) and not out_views
                        and plan.variant in ("dense", "dense-causal", "dense-padding")
-                       and self.run_hook is None and approx is None and (plan.variant != "dense" or not masks))
+                       and self.run_hook is None and approx is None)
         # the proved masks' run-time part is key padding ((B, 1, 1, Lk) keep): hidden keys are hidden from
         # every query, so their k rows can be zeroed and the mask folded into a per-key shift exactly
+        # a softmax chain whose masks replace the hidden scores (masked_fill): a hidden Inf score must not leak
+        self.replaces_scores = not sdpa and any(m.op != "add" for m in masks)
         self.column_keep = bool(masks) and all(m.keep_term is None or isinstance(m.keep_fn, KeyPadding)
                                                for m in masks)
 
@@ -419,14 +423,55 @@ class AttentionKernel(Approximation, SiteModule):
         keep = self._keep(terms)
         if keep is not None and self.column_keep:  # see _unmasked_keys
             k = k.masked_fill(~keep.transpose(-1, -2), 0.0)
+        if variant != "block-sparse" and self.replaces_scores:
+            # eager replaces the hidden scores: an Inf score there must not meet an additive -inf. On CPU the
+            # scores are materialised; the Triton block-sparse kernel applies the mask as a keep (exact)
+            if not use_triton(q):
+                return self._dense_replacing(q, k_site, v, bias, scale, keep, Lq, Lk)
+            variant = "block-sparse"
         if variant != "block-sparse":
-            visible = self._visible(Lq, Lk, terms, q.device)
-            shift = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~visible, -math.inf)
-            out, lse = runtime.run(q, k, v, shift if bias is None else bias + shift, scale, None, 0.0)
-        else:
-            bm, bn = self._blocks(q, k, v, keep, bias, scale)
-            out, lse = sparse_op.run(q, k, v, bias, keep, self.expr or "", bm, bn, scale)
+            shift, empty, _ = self._static_shift(Lq, Lk, q.dtype, q.device)
+            if keep is not None:
+                shift = shift.masked_fill(~keep, -math.inf)
+            if bias is not None:
+                shift = bias + shift
+            out, lse = runtime.run(q, k, v, shift, scale, None, 0.0, exact_lse=False)
+            if use_triton(q):  # the kernel's lse is exact at no cost: rows with no visible key, data included
+                empty = torch.isneginf(lse)[..., None]
+            elif keep is not None or bias is not None:  # the rows hidden whole, from the shift: no lse, no scan
+                empty = torch.isneginf(shift).all(-1, keepdim=True)
+            return self._empty_rows(out, empty, q, k_site, v, bias, scale)
+        bm, bn = self._blocks(q, k, v, keep, bias, scale)
+        out, lse = sparse_op.run(q, k, v, bias, keep, self.expr or "", bm, bn, scale)
         return self._empty_rows(out, torch.isneginf(lse)[..., None], q, k_site, v, bias, scale)
+
+    def _dense_replacing(self, q: Tensor, k: Tensor, v: Tensor, bias, scale: float, keep, Lq: int, Lk: int) -> Tensor:
+        """The dense variant of a softmax chain whose masks *replace* the hidden scores (``masked_fill``), on
+        CPU: the scores materialised as eager does, so an Inf / NaN score at a hidden key never reaches the
+        softmax (an additive -inf shift would turn it into NaN). The planner takes this variant where the
+        mask leaves too little to skip, so the scores are the size eager builds too."""
+        visible = self._static_shift(Lq, Lk, q.dtype, q.device)[2]
+        if keep is not None:
+            visible = visible & keep
+        groups = q.shape[1] // k.shape[1]
+        s = runtime.math_scores(q, k, bias, scale, None, 0.0).masked_fill(~visible, -math.inf)
+        empty = torch.isneginf(s).all(-1, keepdim=True)
+        p = torch.softmax(s, -1).masked_fill(empty, 0.0)  # NaN from the data stays NaN, as in eager
+        out = (p @ runtime.repeat_kv(v, groups).to(p.dtype)).to(q.dtype)
+        return self._empty_rows(out, empty, q, k, v, bias, scale)
+
+    def _static_shift(self, Lq: int, Lk: int, dtype, device) -> tuple[Tensor, Tensor, Tensor]:
+        """The proven masks' static part as an additive ``(Lq, Lk)`` shift (0 / -inf), its rows that see no
+        key ``(Lq, 1)`` and the bool ``(Lq, Lk)`` mask, built once per shape, dtype and device and kept by the
+        site (the dense variant materialises its mask)."""
+        key = (Lq, Lk, dtype, device)
+        if key not in self.static_shifts:
+            if len(self.static_shifts) >= 8:  # a dynamic graph called at many lengths: keep the newest few
+                self.static_shifts.pop(next(iter(self.static_shifts)))
+            visible = blocks.dense_keep(self.expr, Lq, Lk, device)
+            shift = torch.zeros((), dtype=dtype, device=device).masked_fill(~visible, -math.inf)
+            self.static_shifts[key] = shift, ~visible.any(-1, keepdim=True), visible
+        return self.static_shifts[key]
 
     def _empty_rows(self, out: Tensor, empty: Tensor, q: Tensor, k: Tensor, v: Tensor, bias, scale: float) -> Tensor:
         """``out`` ``(B, Hq, Lq, Dv)`` with the rows ``empty`` marks (they see no key) as the site's eager

@@ -180,10 +180,13 @@ DECODE = Dims(B=2, Hq=8, Hkv=2, Lq=1, Lk=2048, Dk=64, Dv=64)
 PAD = TensorMask("bool", None, "key_padding")
 
 
-def _spec(mask=None, bias=(), fused_eager=False, dims=DIMS):
+def _spec(mask=None, bias=(), fused_eager=False, dims=DIMS, device="cpu"):
     return AttentionSpec(dims=dims, score=Score(scale=0.25, bias=bias), mask=Full() if mask is None else mask,
-                         fused_eager=fused_eager,
+                         fused_eager=fused_eager, device=device,
                          empty_rows="zero" if fused_eager else "nan")
+
+
+LONG = Dims(B=2, Hq=4, Hkv=2, Lq=2048, Lk=2048, Dk=16, Dv=16)
 
 
 @pytest.mark.parametrize("spec, requested, strategy, variant", [
@@ -192,8 +195,13 @@ def _spec(mask=None, bias=(), fused_eager=False, dims=DIMS):
     (_spec(Causal(0)), "auto", "dense", "dense-causal"),
     (_spec(mask_and(Causal(0), PAD)), "auto", "dense", "dense-padding"),
     (_spec(mask_and(Full(), PAD)), "auto", "dense", "dense-padding"),
-    (_spec(Window(15, 0)), "auto", "local", "block-sparse"),
-    (_spec(mask_and(Window(15, 0), PAD)), "auto", "local", "block-sparse"),
+    # a window of 16 at 64x64 leaves 2 of 4 64x64 tiles: on CPU the block-sparse executor does not pay for that
+    (_spec(Window(15, 0)), "auto", "dense", "dense"),
+    (_spec(mask_and(Window(15, 0), PAD)), "auto", "dense", "dense"),
+    (_spec(Window(15, 0), device="cuda"), "auto", "local", "block-sparse"),  # the GPU kernel skips at no cost
+    (_spec(Window(15, 0)), "local", "local", "block-sparse"),  # asked for
+    (_spec(Window(15, 0), dims=LONG), "auto", "local", "block-sparse"),  # 2048 long: 97% of tiles skipped
+    (_spec(mask_and(Window(15, 0), PAD), dims=LONG), "auto", "local", "block-sparse"),
     (_spec(Causal(0), bias=("tensor",)), "auto", "dense", "dense"),
     (_spec(TensorMask("bool", (2, 1, 64, 64))), "auto", "dense", "dense"),
     (_spec(fused_eager=True, dims=DECODE), "auto", "dense", "decode"),
@@ -202,7 +210,8 @@ def _spec(mask=None, bias=(), fused_eager=False, dims=DIMS):
     (_spec(Causal(0), dims=Dims(2, 8, 2, 4, 2048, 64, 64)), "auto", "dense", "dense-causal"),  # top-left: not decode
     (_spec(mask_and(Causal(2047), PAD), dims=DECODE), "auto", "dense", "dense-padding"),
 ], ids=["sdpa-no-mask", "sdpa-no-mask-dense-asked", "causal", "causal-padding", "padding", "window",
-        "window-padding", "causal-bias", "tensor-mask", "decode-one-query", "decode-causal", "decode-window",
+        "window-padding", "window-cuda", "window-local-asked", "window-long", "window-padding-long", "causal-bias",
+        "tensor-mask", "decode-one-query", "decode-causal", "decode-window",
         "top-left-causal", "decode-padding"])
 def test_passes_decide_on_hand_built_specs(spec, requested, strategy, variant):
     plan = plan_site(spec, parse(requested))
@@ -255,15 +264,20 @@ def _reference(q, k, v, visible, scale):
 @pytest.mark.parametrize("mask, variant, launched", [
     (Causal(0), "dense-causal", ("dense", 0, None)),
     (mask_and(Causal(0), PAD), "dense-padding", ("dense", 0, (2, 1, 1, 64))),  # a per-key shift: no L x L mask
-    (Window(15, 0), "block-sparse", ("sparse", Window(15, 0).expr())),
+    (Window(15, 0), "dense", ("dense", None, (64, 64))),  # an added mask: materialised once, as a shift
+    # a masked_fill chain: its scores materialised and filled as eager does (no kernel op: exact for Inf keys)
+    (Window(15, 0), "dense-replacing", None),
+    (Window(15, 0), "block-sparse", ("sparse", Window(15, 0).expr())),  # planned for CUDA, run on CPU tensors
 ])
 @torch.no_grad()
 def test_runtime_executes_the_planned_variant(monkeypatch, mask, variant, launched):
-    plan = plan_site(_spec(mask), parse("auto"))
+    op = "masked_fill" if variant == "dense-replacing" else "add"
+    variant = variant.replace("-replacing", "")
+    plan = plan_site(_spec(mask, device="cuda" if variant == "block-sparse" else "cpu"), parse("auto"))
     assert plan.variant == variant
     static = mask.parts[0] if hasattr(mask, "parts") else mask
     padded = PAD in getattr(mask, "parts", ())
-    masks = (KernelMask(static, 0 if padded else None, KeyPadding(0, 64) if padded else None, -math.inf),)
+    masks = (KernelMask(static, 0 if padded else None, KeyPadding(0, 64) if padded else None, -math.inf, op),)
     site = AttentionKernel(plan, [Scale(0.25), ProvedMask(0)], ((), (), ()), (0.0, "const"), {}, 2, "site",
                            masks=masks)
     g = torch.Generator().manual_seed(1)
@@ -273,7 +287,7 @@ def test_runtime_executes_the_planned_variant(monkeypatch, mask, variant, launch
     attn_mask[1, 40:] = 0
     calls = _Calls(monkeypatch)
     out = site(q, k, v, *((attn_mask,) if padded else ()))
-    assert calls.log == [launched]
+    assert calls.log == ([] if launched is None else [launched])
     i = torch.arange(64)
     visible = torch.as_tensor(eval_mask(static, i))
     if padded:

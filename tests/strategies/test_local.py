@@ -42,7 +42,8 @@ def test_mistral_sliding_window_is_recognised(impl, pad):
     ids = torch.randint(0, 64, (2, 40))
     kw = _padding(pad, 2, 40)
     ref = model(ids, **kw).last_hidden_state
-    fast = attncomp.optimize(model, example_inputs=(ids,), example_kwargs=kw)
+    # 40 tokens: under "auto" the CPU planner runs such a short window densely (test below); asked for, local
+    fast = attncomp.optimize(model, example_inputs=(ids,), example_kwargs=kw, strategy="local")
     out = fast(ids, **kw).last_hidden_state
     report = attncomp.explain(fast)
     assert len(report.replaced) == 2
@@ -52,6 +53,22 @@ def test_mistral_sliding_window_is_recognised(impl, pad):
         assert ("key_padding" in str(r.spec.mask)) == (pad != "none")
     assert all(k.calls["fused"] >= 1 and k.calls["literal"] == 0 for k in _kernels(fast))
     assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("pad", ["none", "left"])
+def test_short_window_runs_dense_on_cpu_and_says_why(pad):
+    """40 tokens, a window of 8: the mask leaves one 64x64 tile of one, nothing to skip. ``auto`` proves the
+    window and runs the dense kernel on it (materialised once per shape), exact, with the reason."""
+    model = _mistral("sdpa")
+    ids = torch.randint(0, 64, (2, 40))
+    kw = _padding(pad, 2, 40)
+    fast = attncomp.optimize(model, example_inputs=(ids,), example_kwargs=kw)
+    report = attncomp.explain(fast)
+    assert len(report.replaced) == 2, str(report)
+    for r in report.replaced:
+        assert r.strategy == "dense" and r.plan.variant == "dense" and "window(7,0)" in str(r.spec.mask)
+        assert "skips 0% of 64x64 tiles at 40x40" in r.reason and "beats the dense one on cpu" in r.reason
+    assert rel_err(fast(ids, **kw).last_hidden_state, model(ids, **kw).last_hidden_state) <= 1e-5
 
 
 def test_long_sliding_window_reports_skipped_tiles():
@@ -142,7 +159,7 @@ class NeighborhoodSite(torch.nn.Module):
 def test_handwritten_neighborhood_is_recognised():
     q, k, v = (torch.randn(2, 2, 256, 16) for _ in range(3))
     site = NeighborhoodSite()
-    fast = attncomp.optimize(site, example_inputs=(q, k, v))
+    fast = attncomp.optimize(site, example_inputs=(q, k, v), strategy="local")  # 256 keys: auto runs it dense
     (row,) = attncomp.explain(fast).replaced
     assert str(row.spec.mask) == "neighborhood(16x16,k=7x7)" and row.strategy == "local"
     assert rel_err(fast(q, k, v), site(q, k, v)) <= 1e-5
@@ -153,7 +170,7 @@ def test_a_failing_kernel_falls_back_and_warns_once(monkeypatch):
     computation: one warning, the reason in explain, outputs still equal eager."""
     model = _mistral("sdpa")
     ids = torch.randint(0, 64, (2, 40))
-    fast = attncomp.optimize(model, example_inputs=(ids,))
+    fast = attncomp.optimize(model, example_inputs=(ids,), strategy="local")
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated compile failure")
@@ -198,8 +215,8 @@ def _quickstart():
 QUICKSTART_CASES = {  # model (smaller than the demo's), its inputs, the mask it must be proved to have
     "sliding-window": (lambda q: q.SlidingWindowLM(window=64), lambda: (torch.randint(0, 1000, (1, 512)),),
                        "window(63,0)"),
-    "neighborhood": (lambda q: q.NeighborhoodViT(kernel=7), lambda: (torch.randn(1, 3, 64, 64),),
-                     "neighborhood(16x16,k=7x7)"),
+    "neighborhood": (lambda q: q.NeighborhoodViT(kernel=7), lambda: (torch.randn(1, 3, 128, 128),),
+                     "neighborhood(32x32,k=7x7)"),
 }
 
 

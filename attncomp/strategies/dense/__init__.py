@@ -21,7 +21,8 @@ def plan(spec: AttentionSpec, requested: Strategy, refused: tuple[str, ...] = ()
     """Always a plan: dense is the last strategy asked. ``refused`` holds the reasons of strategies
     the user asked for that did not apply."""
     if refused:
-        return Plan(spec=spec, strategy="dense", reasons=(f"{'; '.join(refused)}; dense kernel (exact)",))
+        why = "; ".join(dict.fromkeys(refused))  # local and sparse may give one reason
+        return Plan(spec=spec, strategy="dense", reasons=(f"{why}; dense kernel (exact)",))
     if requested.name == "dense":
         return Plan(spec=spec, strategy="dense", reasons=("dense: requested",))
     static = static_part(spec.mask)

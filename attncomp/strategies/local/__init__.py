@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from attncomp.ir import AttentionSpec, Neighborhood, Plan, Window, runtime_part, static_part
 from attncomp.strategies.base import Registered, Strategy, leaves
-from attncomp.strategies.sparse.tables import describe
+from attncomp.strategies.sparse.tables import describe, too_dense
 
 
 @dataclass(frozen=True)
@@ -19,13 +19,15 @@ class Local(Strategy):
     name = "local"
 
 
-def plan(spec: AttentionSpec, requested: Strategy) -> Plan | None:
+def plan(spec: AttentionSpec, requested: Strategy) -> Plan | str | None:
     if spec.kernel != "softmax" or requested.name not in ("auto", "local", "sparse") or requested.approximate:
         return None
     if any(t.role == "general" for t in runtime_part(spec.mask)):
         return None
     if not any(isinstance(x, (Window, Neighborhood)) for x in leaves(static_part(spec.mask))):
         return None
+    if requested.name == "auto" and (why := too_dense(spec)):
+        return why
     why = f"{requested.name}: local block-sparse kernel, {describe(spec)}"
     return Plan(spec=spec, strategy="local", reasons=(why,))
 

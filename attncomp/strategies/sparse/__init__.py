@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from attncomp.ir import AttentionSpec, Causal, Full, Plan, runtime_part, static_part
 from attncomp.strategies.base import Registered, Strategy, tolerance_note
-from attncomp.strategies.sparse.tables import describe
+from attncomp.strategies.sparse.tables import describe, too_dense
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,8 @@ def plan(spec: AttentionSpec, requested: Strategy) -> Plan | str | None:
             return f"{requested.name} requested, but a {static} mask has nothing to skip"
         if requested.name == "auto":  # the dense (causal) kernel takes key padding as a per-key shift
             return None
+    if requested.name == "auto" and (why := too_dense(spec)):
+        return why
     why = f"{requested.name}: sparse block-sparse kernel, {describe(spec)}"
     return Plan(spec=spec, strategy="sparse", reasons=(why,))
 
