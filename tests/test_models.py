@@ -68,11 +68,15 @@ def test_transformers_model(kind, impl, capture):
     fast = attncomp.optimize(model, example_inputs=(ids,), example_kwargs={"attention_mask": mask}, capture=capture)
     out = fast(ids, attention_mask=mask).last_hidden_state
     rep = attncomp.explain(fast)
-    assert len(rep.replaced) == LAYERS, str(rep)
-    assert len({r.path for r in rep.replaced}) == LAYERS, str(rep)
-    assert all(r.kernel.calls["fused"] >= 1 for r in rep.replaced)
+    # captured per attention module, an sdpa model's mask arrives as an input of the module's graph: an SDPA
+    # call with a mask tensor nothing proves a structure in stays as it is (nothing to gain)
+    kept = capture == "modules" and impl == "sdpa"
+    sites = rep.kept if kept else rep.replaced
+    assert len(sites) == LAYERS and len(rep.rows) == LAYERS, str(rep)
+    assert len({r.path for r in sites}) == LAYERS, str(rep)
+    assert kept or all(r.kernel.calls["fused"] >= 1 for r in rep.replaced)
     if kind == "llama":
-        assert all(r.spec.dims.Hkv == 2 and r.spec.dims.Hq == 4 for r in rep.replaced)
+        assert all(r.spec.dims.Hkv == 2 and r.spec.dims.Hq == 4 for r in sites)
     keep = mask.bool()[:, None, :, None].expand_as(ref.unsqueeze(1)).squeeze(1)
     assert rel_err(out[keep], ref[keep]) <= 1e-5
 
@@ -84,7 +88,7 @@ def test_transformers_model(kind, impl, capture):
     out = fast(ids, attention_mask=mask).last_hidden_state
     g_out = torch.autograd.grad(_loss(out), list(fast.model.parameters()), allow_unused=True)
     assert rel_err(out, ref) <= 1e-5
-    assert len(attncomp.explain(fast).replaced) == LAYERS
+    assert len(attncomp.explain(fast).kept if kept else attncomp.explain(fast).replaced) == LAYERS
     _assert_grads_match(list(model.named_parameters()), g_out, g_ref)
 
     # the original model is untouched: same parameters, same flags, same outputs
@@ -137,7 +141,9 @@ def test_timm_swin_shifted_windows(fused):
     fast = attncomp.optimize(model)
     out = fast(x)
     rep = attncomp.explain(fast)
-    assert len(rep.replaced) == 4 and not rep.left, str(rep)
+    # timm's fused path hands SDPA the bias and mask as one float tensor, with no structure to prove: those
+    # SDPA calls stay as they are (nothing to gain); the explicit chain is replaced
+    assert len(rep.kept if fused else rep.replaced) == 4 and not rep.left, str(rep)
     assert rel_err(out, ref) <= 1e-5
 
     model.train()

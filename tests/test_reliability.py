@@ -339,7 +339,9 @@ def test_fully_masked_rows_and_additive_masks_match_eager(form, dtype, strategy)
     site = MaskedSite(form)
     fast = attncomp.optimize(site, strategy, example_inputs=(q, k, v, keep))
     out, ref = fast(q, k, v, keep), site(q, k, v, keep)
-    assert attncomp.explain(fast).replaced
+    rep = attncomp.explain(fast)
+    # an SDPA call handed a whole mask tensor (no structure to prove) is kept under auto: nothing to gain
+    assert rep.kept if strategy == "auto" and form.startswith("sdpa") else rep.replaced, str(rep)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert_same_values(out, ref, tol)
     for b, i in ((0, 3), (1, 10)):  # the fully masked rows, one more time, explicitly

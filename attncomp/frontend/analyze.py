@@ -97,8 +97,9 @@ def analyze(site: Site) -> AttentionSpec:
         dims=dims, dtype=dtype, score=Score(scale=scale, bias=tuple(bias)), mask=mask_and(*masks),
         dropout_p=site.dropout[0], empty_rows="zero" if site.sdpa else "nan",
         device=_device_type(qm),
-        fused_eager=bool(site.sdpa) and site.sdpa.get("attn_mask") is None and not site.sdpa.get("mask_from_proof")
-        and not any(isinstance(s, (AddBias, MaskFill, ProvedMask)) for s in site.steps))
+        # an SDPA call whose mask (its AddBias / MaskFill step, if any) no proof replaced
+        fused_eager=bool(site.sdpa) and not site.sdpa.get("mask_from_proof")
+        and not any(isinstance(s, ProvedMask) for s in site.steps))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -98,7 +98,8 @@ class AttentionSpec:
     empty_rows: Literal["nan", "zero"] = "nan"
     contract: str = "exact"
     form: LinearForm | TensorForm | None = None  # kernel "linear" / "tensor": what the site computes
-    # the eager site is already one fused kernel call with nothing to skip (an SDPA call without a mask tensor)
+    # the eager site is already one fused kernel call with nothing attncomp could skip: an SDPA call with no
+    # mask, or with a mask tensor no proof gave structure to (a learned bias, a mask handed in as input)
     fused_eager: bool = False
     # the device type the site was captured on ("cpu", "cuda"): where a strategy's gain was measured per device
     device: str = "cpu"
