@@ -1,6 +1,7 @@
 """Sound matching: operand roles proved from shapes, channel (transposed) attention, and first-call
 verification of every replaced site against its own eager nodes."""
 
+import re
 import warnings
 
 import pytest
@@ -187,18 +188,18 @@ def test_value_rows_of_a_separate_symbolic_input_are_checked_per_call(chain):
     if not chain:  # SDPA's k and v lengths: two symbols no guard ties (a matmul's meta ties them for the chain)
         assert str(row.roles.k[-2]) != str(row.roles.v[-2]), row.roles
     # a call whose k and v differ in rows: not what either op is for. The site runs its own nodes for it, so it
-    # gives exactly what the original gives (torch's CPU SDPA does not check the rows; a matmul raises)
+    # does what the original does: the chain's matmul raises; torch's CPU SDPA does not check the rows and reads
+    # past v (its values are not defined, so only the path is compared)
     site = row.kernel
     literal = site.calls["literal"]
     k, v = torch.randn(1, 2, 330, 16), torch.randn(1, 2, 331, 16)
-    try:
-        want = model(q, k, v)
-    except RuntimeError as e:
-        with pytest.raises(RuntimeError, match="331"):
+    if chain:
+        with pytest.raises(RuntimeError) as want:
+            model(q, k, v)
+        with pytest.raises(RuntimeError, match=re.escape(str(want.value)[:40])):
             site(q, k, v)
-        assert "331" in str(e)
     else:
-        assert torch.equal(site(q, k, v), want)
+        assert site(q, k, v).shape == (1, 2, 1, 16)
     assert site.calls["literal"] == literal + 1
     assert "k has 330 rows and v 331" in site.eager_calls_note
     assert site.fallback_reason is None  # later calls stay fused
