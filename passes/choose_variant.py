@@ -35,5 +35,6 @@ def choose_variant(plan: Plan, requested: Strategy) -> Plan:
     if isinstance(static, Causal) and not dynamic:
         return plan.with_(variant="dense-causal")
     if isinstance(static, (Full, Causal)) and dynamic and all(t.role == "key_padding" for t in dynamic):
-        return plan.with_(variant="dense-padding")
+        return plan.with_(variant="dense-padding", reasons=plan.reasons + (
+            "key padding as a per-key shift (no Lq x Lk mask)",))
     return plan.with_(variant="dense")
