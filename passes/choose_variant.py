@@ -2,8 +2,8 @@
 
 Decided once per captured graph from the spec; the site module reads ``plan.variant`` when it is
 built and never re-decides per call. ``kept`` leaves the site's own nodes in the graph: an SDPA call
-with no mask, or with a mask tensor that no proof gave structure to (a learned bias, a mask handed in
-as an input), already is one fused kernel call, so replacing it could only add overhead.
+with no mask, or with a mask tensor of q's rank that no proof gave structure to (a learned bias, a mask
+handed in as an input), already is one fused kernel call, so replacing it could only add overhead.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from attncomp.ir import Causal, Full, Plan, runtime_part, static_part
 from attncomp.strategies import Strategy
 from attncomp.strategies.decode.plan import decode_window
 
-KEPT_REASON = ("kept: the site is one SDPA call, already torch's fused kernel, with no mask or a mask tensor "
+KEPT_REASON = ("kept: the site is one SDPA call, already torch's fused kernel, with no mask or a 4-D mask tensor "
                "without a proven structure: nothing to skip; attncomp would only add overhead")
 
 
