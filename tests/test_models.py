@@ -98,6 +98,17 @@ def test_transformers_model(kind, impl, capture):
     assert model.training is True
 
 
+def _assert_training_grads_match(model, fast, x):
+    """In training mode, the optimized model's parameter gradients on ``x`` equal the original's."""
+    model.train()
+    fast.train()
+    ref = model(x)
+    g_ref = torch.autograd.grad(_loss(ref), list(model.parameters()))
+    out = fast(x)
+    g_out = torch.autograd.grad(_loss(out), list(fast.model.parameters()))
+    _assert_grads_match(list(model.named_parameters()), g_out, g_ref)
+
+
 @pytest.mark.parametrize("capture", ["dynamo", "modules", "fx"])
 @pytest.mark.parametrize("fused", [True, False])
 def test_timm_vit(fused, capture):
@@ -116,13 +127,7 @@ def test_timm_vit(fused, capture):
     assert {r.rule for r in sites} == {"sdpa_call" if fused else "softmax_chain"}
     assert rel_err(out, ref) <= 1e-5
 
-    model.train()
-    fast.train()
-    ref = model(x)
-    g_ref = torch.autograd.grad(_loss(ref), list(model.parameters()))
-    out = fast(x)
-    g_out = torch.autograd.grad(_loss(out), list(fast.model.parameters()))
-    _assert_grads_match(list(model.named_parameters()), g_out, g_ref)
+    _assert_training_grads_match(model, fast, x)
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -146,13 +151,7 @@ def test_timm_swin_shifted_windows(fused):
     assert len(rep.kept if fused else rep.replaced) == 4 and not rep.left, str(rep)
     assert rel_err(out, ref) <= 1e-5
 
-    model.train()
-    fast.train()
-    ref = model(x)
-    g_ref = torch.autograd.grad(_loss(ref), list(model.parameters()))
-    out = fast(x)
-    g_out = torch.autograd.grad(_loss(out), list(fast.model.parameters()))
-    _assert_grads_match(list(model.named_parameters()), g_out, g_ref)
+    _assert_training_grads_match(model, fast, x)
 
 
 def test_optimize_does_not_change_the_original():

@@ -56,11 +56,6 @@ def check_program(site: Site, scores: tuple) -> str | None:
     return check([map_operands(step, _meta_of) for step in site.steps], scores)
 
 
-def _device_type(meta) -> str:
-    """The device type of a node's recorded tensor ("cpu" when unknown)."""
-    return getattr(getattr(meta, "device", None), "type", None) or "cpu"
-
-
 def analyze(site: Site) -> AttentionSpec:
     """Build the spec of ``site`` from the node metadata recorded at capture."""
     qs, ks, vs = (_shape_after(o.node, o.views) for o in (site.q, site.k, site.v))
@@ -96,7 +91,7 @@ def analyze(site: Site) -> AttentionSpec:
     return AttentionSpec(
         dims=dims, dtype=dtype, score=Score(scale=scale, bias=tuple(bias)), mask=mask_and(*masks),
         dropout_p=site.dropout[0], empty_rows="zero" if site.sdpa else "nan",
-        device=_device_type(qm),
+        device=T.device_type(site.q.node),
         fused_eager=_fused_eager(site))
 
 

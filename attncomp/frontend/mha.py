@@ -85,4 +85,4 @@ def mha_spec(node: fx.Node, args: list, kw: dict) -> AttentionSpec:
     scale = 1.0 / math.sqrt(dims.Dk) if dims.Dk else None
     return AttentionSpec(dims=dims, dtype=str(getattr(T.meta(args[0]), "dtype", "?")).replace("torch.", ""),
                          score=Score(scale=scale), mask=mask_and(*masks), dropout_p=kw["dropout_p"],
-                         empty_rows="zero", device=getattr(getattr(T.meta(args[0]), "device", None), "type", "cpu"))
+                         empty_rows="zero", device=T.device_type(args[0]))

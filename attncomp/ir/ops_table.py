@@ -116,3 +116,8 @@ def shape(node) -> tuple | None:
     m = meta(node)
     s = getattr(m, "shape", None)
     return None if s is None else tuple(s)
+
+
+def device_type(node) -> str:
+    """The device type ("cpu", "cuda") of the tensor recorded for ``node``; "cpu" when none is recorded."""
+    return getattr(getattr(meta(node), "device", None), "type", None) or "cpu"
